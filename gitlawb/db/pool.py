@@ -1,0 +1,169 @@
+"""
+The node's connection pool, over txpostgres connections.
+
+txpostgres gives non-blocking psycopg2 connections driven by the reactor; this
+pool adds what a long-running server needs on top: a connection broken by a
+database restart is replaced on its next use instead of failing forever, the
+number of connections in use is known (for the metrics), and closing waits for
+queries in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import psycopg2
+import psycopg2.extras
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
+from txpostgres import txpostgres
+
+log = Logger()
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+Row = psycopg2.extras.DictRow
+
+# Errors that mean the connection (not the statement) is broken.
+CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+def connect_kwargs(dsn: str) -> dict[str, Any]:
+    """
+    The keyword arguments every connection of the node is opened with: rows
+    readable by name and position, and a bounded connect time.
+    """
+    return {
+        "dsn": dsn,
+        "connect_timeout": 10,
+        "cursor_factory": psycopg2.extras.DictCursor,
+        "application_name": "gitlawb-node",
+    }
+
+
+async def open_connection(reactor: IReactorCore, dsn: str) -> txpostgres.Connection:
+    """
+    Open one txpostgres connection.
+
+    @raise psycopg2.OperationalError: when the server cannot be reached.
+    """
+    connection = txpostgres.Connection(reactor=reactor)
+    await connection.connect(**connect_kwargs(dsn))
+    return connection
+
+
+class Database:
+    """
+    A fixed-size pool of connections to one PostgreSQL database.
+
+    Every method is a coroutine; a query runs on one connection, a
+    L{transaction} runs all of its statements on one connection between
+    BEGIN and COMMIT (ROLLBACK when the function raises).
+    """
+
+    def __init__(self, reactor: IReactorCore, dsn: str, size: int) -> None:
+        self._reactor = reactor
+        self._dsn = dsn
+        self.size = size
+        self._idle: list[txpostgres.Connection] = []
+        self._semaphore = DeferredSemaphore(size)
+        self.in_use = 0
+        self.closed = False
+
+    async def open(self) -> None:
+        """
+        Open every connection of the pool.
+
+        @raise psycopg2.OperationalError: when the server cannot be reached
+            (connections already opened are closed again).
+        """
+        try:
+            for _ in range(self.size):
+                self._idle.append(await open_connection(self._reactor, self._dsn))
+        except BaseException:
+            for connection in self._idle:
+                connection.close()
+            self._idle.clear()
+            raise
+
+    async def query(self, sql: str, params: Any = None) -> list[Row]:
+        """
+        Run one statement and return its rows.
+        """
+        return await self._with_connection(lambda c: c.runQuery(sql, params))
+
+    async def execute(self, sql: str, params: Any = None) -> None:
+        """
+        Run one statement that returns no rows.
+        """
+        await self._with_connection(lambda c: c.runOperation(sql, params))
+
+    async def transaction(
+        self,
+        interaction: Callable[Concatenate[Any, P], Awaitable[T]],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """
+        Run C{interaction(cursor, *args, **kwargs)} inside one transaction.
+
+        @return: what the interaction returned, once the transaction committed.
+        @raise Exception: what the interaction raised, after the rollback.
+        """
+
+        def run(cursor: Any) -> Deferred[T]:
+            return Deferred.fromCoroutine(_as_coroutine(interaction(cursor, *args, **kwargs)))
+
+        return await self._with_connection(lambda c: c.runInteraction(run))  # type: ignore[no-any-return]
+
+    async def _with_connection(self, use: Callable[[Any], Deferred[Any]]) -> Any:
+        if self.closed:
+            raise psycopg2.InterfaceError("the database pool is closed")
+        await self._semaphore.acquire()
+        connection = self._idle.pop()
+        self.in_use += 1
+        try:
+            if connection.closed:
+                connection = await self._replace(connection)
+            try:
+                return await use(connection)
+            except CONNECTION_ERRORS:
+                # Put a fresh connection in its place so the next user does not
+                # inherit a dead one; the caller still sees this failure.
+                connection = await self._replace(connection)
+                raise
+        finally:
+            self.in_use -= 1
+            self._idle.append(connection)
+            self._semaphore.release()
+
+    async def _replace(self, connection: txpostgres.Connection) -> txpostgres.Connection:
+        try:
+            connection.close()
+        except Exception:
+            pass
+        log.warn("database connection lost; reconnecting")
+        try:
+            return await open_connection(self._reactor, self._dsn)
+        except CONNECTION_ERRORS:
+            # Keep a closed one in the slot: the next use retries the connect.
+            return txpostgres.Connection(reactor=self._reactor)
+
+    async def close(self) -> None:
+        """
+        Wait for queries in flight, then close every connection.
+        """
+        self.closed = True
+        for _ in range(self.size):
+            await self._semaphore.acquire()
+        for connection in self._idle:
+            if not connection.closed:
+                connection.close()
+        self._idle.clear()
+
+
+async def _as_coroutine(awaitable: Awaitable[T]) -> T:
+    return await awaitable

@@ -1,0 +1,1 @@
+"""The schema migrations, one SQL file each: NNNN_name.sql."""

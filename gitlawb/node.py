@@ -1,0 +1,287 @@
+"""
+The node's service tree.
+
+    GitlawbNode (MultiService)      children start in order, stop in reverse,
+      DatabaseService               each waiting for the one after it
+      ApiSite
+      MetricsSite (when configured)
+      RateLimitJanitor
+      ...
+
+The node's own C{stopService} is the graceful shutdown: it stops the children
+one by one from the last to the first, so the database stops only when
+nothing uses it any more, and logs one closing line with how long the stop
+took and what was cut off.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from gitlawb import __version__, metrics
+from gitlawb.api.app import MAX_JSON_BODY, NodeContext, RateLimits, build_app
+from gitlawb.config import Settings
+from gitlawb.db.embedded import EmbeddedPostgres
+from gitlawb.db.service import DatabaseService
+from gitlawb.identity.keys import NodeKey, load_or_create_key
+from gitlawb.identity.signatures import ReplayGuard
+from gitlawb.ratelimit import RateLimitJanitor
+from gitlawb.web import ApiSite, NodeSite, body_limit_for
+
+
+class GitlawbNode(MultiService):
+    """
+    The root of the service tree.
+
+    @ivar context: what the routes share.
+    @ivar api: the public HTTP listener.
+    """
+
+    log = Logger()
+
+    def __init__(self, settings: Settings, reactor: Any, key: NodeKey) -> None:
+        super().__init__()
+        self.settings = settings
+        self.reactor = reactor
+        self.key = key
+        self.shutting_down = False
+        self.fatal_error: str | None = None
+        self._stop_started = 0.0
+        self.cut_off: dict[str, int] = {}
+
+    def startService(self) -> None:
+        self._log_startup()
+        super().startService()
+        if hasattr(self.reactor, "callWhenRunning"):
+            self.reactor.callWhenRunning(self._install_signal_handlers)
+
+    def _log_startup(self) -> None:
+        s = self.settings
+        database: DatabaseService = self.getServiceNamed("database")  # type: ignore[assignment]
+        self.log.info("gitlawb node {version} starting", version=__version__)
+        self.log.info("node DID: {did}", did=self.key.did)
+        self.log.info("database: {db}", db=database.description)
+        self.log.info("repositories: {path}", path=s.repositories_path.resolve())
+        api: ApiSite = self.getServiceNamed("api")  # type: ignore[assignment]
+        bound = api.bound_port if api.listening is not None else s.port
+        self.log.info(
+            "http: {host}:{port} (public URL {url})",
+            host=s.host,
+            port=bound,
+            url=s.public_base_url(bound),
+        )
+        if s.metrics_addr:
+            host, port = s.metrics_addr
+            self.log.info("metrics: http://{host}:{port}/metrics", host=host, port=port)
+        else:
+            self.log.info("metrics: off")
+        if s.p2p_port:
+            self.log.info("p2p: port {port}", port=s.p2p_port)
+        else:
+            self.log.info("p2p: off")
+        self.log.info("shutdown grace: {grace}s", grace=s.shutdown_grace_secs)
+
+    def _install_signal_handlers(self) -> None:
+        # twistd's own handlers stop the reactor; a second signal would make the
+        # reactor complain that it is not running.  Ours say so politely.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.reactor.callFromThread(self._signal_received, signum)
+
+    def _signal_received(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.shutting_down:
+            self.log.warn(
+                "{signal} received: shutdown already under way "
+                "(grace {grace}s)",
+                signal=name,
+                grace=self.settings.shutdown_grace_secs,
+            )
+            return
+        self.log.info("{signal} received: shutting down", signal=name)
+        # twistd re-raises the signal after the reactor stops, as it does with
+        # its own handlers, so the exit status says what stopped the node.
+        self.reactor._exitSignal = signum
+        self.reactor.stop()
+
+    def fatal(self, message: str) -> None:
+        """
+        Stop the node because it cannot work (a schema that does not match the
+        code, a database that cannot start): log C{message}, stop, and exit
+        with status 1.
+        """
+        self.log.critical("cannot run: {message}", message=message)
+        self.fatal_error = message
+        if not self.running or self.shutting_down:
+            return
+
+        def exit_failed() -> None:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
+
+        self.reactor.addSystemEventTrigger("after", "shutdown", exit_failed)
+        self.reactor.stop()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop every child, last started first, each after the one before it.
+
+        @return: a Deferred that fires when the database (the first child) has
+            stopped.
+        """
+        self.shutting_down = True
+        self._stop_started = time.monotonic()
+        metrics.set_shutdown_in_progress(True)
+        self.log.info(
+            "shutdown started (grace {grace}s)", grace=self.settings.shutdown_grace_secs
+        )
+        super(MultiService, self).stopService()
+        return Deferred.fromCoroutine(self._stop_children())
+
+    async def _stop_children(self) -> None:
+        for child in reversed(list(self)):
+            service = IService(child)
+            try:
+                await Deferred.fromCoroutine(_maybe_await(service.stopService()))
+            except Exception:
+                self.log.failure("service {name} failed to stop", name=service.name)
+            cut = getattr(service, "cut_off", 0)
+            if cut:
+                self.cut_off[str(service.name)] = int(cut)
+        elapsed = time.monotonic() - self._stop_started
+        if self.cut_off:
+            detail = ", ".join(f"{n}: {c}" for n, c in self.cut_off.items())
+            self.log.warn(
+                "stopped in {elapsed:.2f}s; cut off at the grace deadline: {detail}",
+                elapsed=elapsed,
+                detail=detail,
+            )
+        else:
+            self.log.info(
+                "stopped cleanly in {elapsed:.2f}s; nothing was cut off",
+                elapsed=elapsed,
+            )
+
+
+async def _maybe_await(result: object) -> None:
+    if isinstance(result, Deferred):
+        await result
+
+
+class StartupError(Exception):
+    """
+    The node cannot be built from its settings; the message is one line.
+    """
+
+
+def make_node(
+    settings: Settings,
+    reactor: Any,
+    route_installers: list[Callable[..., None]] | None = None,
+) -> GitlawbNode:
+    """
+    Build the service tree from C{settings}.
+
+    Nothing is bound or started; the key is loaded (or created) and the
+    directories made, so that any problem with them stops start-up here.
+
+    @raise StartupError: when the key or a directory cannot be used.
+    """
+    from gitlawb.identity.keys import KeyFileError
+
+    try:
+        key = load_or_create_key(settings.key_path)
+    except KeyFileError as e:
+        raise StartupError(str(e)) from None
+    try:
+        settings.repositories_path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StartupError(
+            f"GITLAWB_REPOS_DIR: cannot create {settings.repositories_path}: {e}"
+        ) from None
+
+    node = GitlawbNode(settings, reactor, key)
+    metrics.initialise(__version__, key.did, settings.metrics_max_repos)
+
+    # The database first: it stops last.
+    embedded = (
+        None
+        if settings.database_url
+        else EmbeddedPostgres(settings.embedded_database_path)
+    )
+    database = DatabaseService(
+        reactor,
+        settings.database_url,
+        embedded,
+        settings.db_pool_size,
+        settings.db_retry_initial_secs,
+        settings.db_retry_max_secs,
+        on_fatal=node.fatal,
+    )
+    database.setServiceParent(node)
+
+    # The public listener and the application behind it.
+    replay = ReplayGuard(reactor)
+    limits = RateLimits.from_settings(settings, reactor)
+    api_holder: list[ApiSite] = []
+
+    def public_url() -> str:
+        api = api_holder[0]
+        bound = api.bound_port if api.listening is not None else settings.port
+        return settings.public_base_url(bound)
+
+    context = NodeContext(
+        settings=settings,
+        key=key,
+        database_service=database,
+        reactor=reactor,
+        replay=replay,
+        limits=limits,
+        public_url=public_url,
+        services={"route_installers": _default_route_installers()
+                  + list(route_installers or [])},
+    )  # fmt: skip
+    node.context = context  # type: ignore[attr-defined]
+    app = build_app(context)
+    site = NodeSite(
+        app.resource(),
+        body_limit=lambda path: body_limit_for(
+            path, settings.max_pack_bytes, MAX_JSON_BODY
+        ),
+    )
+    site.displayTracebacks = False
+    api = ApiSite(
+        reactor, site, settings.host, settings.port, lambda: settings.shutdown_grace_secs
+    )
+    api_holder.append(api)
+    api.setServiceParent(node)
+
+    # Housekeeping.
+    RateLimitJanitor([*limits.all(), replay], reactor).setServiceParent(node)
+    return node
+
+
+def _default_route_installers() -> list[Callable[..., None]]:
+    """
+    The route areas beyond the meta routes, in the order they are installed.
+    """
+    installers: list[Callable[..., None]] = []
+    for module in ("agents", "repos"):
+        try:
+            imported = __import__(f"gitlawb.api.{module}", fromlist=["install"])
+        except ModuleNotFoundError:
+            continue
+        installers.append(imported.install)
+    return installers

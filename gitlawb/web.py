@@ -1,0 +1,297 @@
+"""
+The HTTP listener of the node: a C{twisted.web} site that bounds request
+bodies while they arrive, knows its connections and in-flight requests, and
+drains them at shutdown.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
+
+from gitlawb import metrics
+from gitlawb.api.errors import json_bytes
+
+log = Logger()
+
+
+def body_limit_for(path: bytes, max_pack_bytes: int, max_json_bytes: int) -> int:
+    """
+    How many request body bytes a path may receive: a push pack up to the
+    configured maximum, an upload-pack negotiation up to 64 MiB, a JSON body up
+    to C{max_json_bytes}.
+    """
+    path = path.split(b"?", 1)[0]
+    if path.endswith(b"/git-receive-pack"):
+        return max_pack_bytes
+    if path.endswith(b"/git-upload-pack"):
+        return 64 * 1024 * 1024
+    return max_json_bytes
+
+
+class NodeRequest(Request):
+    """
+    A request whose body is refused with 413 as soon as it is known to be too
+    large: from C{Content-Length} before any of it is read (and before
+    C{100 Continue} is sent), or while a chunked body arrives.
+    """
+
+    site: NodeSite
+    _received = 0
+    _limit = 0
+    rejected = False
+
+    def gotLength(self, length: int | None) -> None:
+        path = getattr(self.channel, "_path", b"") or b""
+        site: NodeSite = self.channel.site  # type: ignore[union-attr]
+        self._limit = site.body_limit(path)
+        if length is not None and length > self._limit:
+            # No "100 Continue": the client must not send a body we refuse.
+            self.requestHeaders.removeHeader(b"expect")
+            self._reject_too_large()
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.rejected:
+            return
+        self._received += len(data)
+        if self._received > self._limit:
+            self._reject_too_large()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if self.rejected:
+            return
+        super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        site: NodeSite = self.channel.site  # type: ignore[union-attr]
+        site.request_started(self)
+        super().process()
+
+    def _reject_too_large(self) -> None:
+        self.rejected = True
+        body = json_bytes(
+            {
+                "error": "payload_too_large",
+                "message": f"request body is larger than {self._limit} bytes",
+            }
+        )
+        transport = self.channel.transport
+        assert transport is not None
+        transport.write(
+            b"HTTP/1.1 413 Payload Too Large\r\n"
+            b"Content-Type: application/json\r\n"
+            b"Connection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        transport.loseConnection()
+
+
+class NodeSite(Site):
+    """
+    A site that keeps track of its connections and in-flight requests so that
+    L{ApiSite} can drain them.
+    """
+
+    requestFactory = NodeRequest
+
+    def __init__(
+        self,
+        resource: IResource,
+        body_limit: Callable[[bytes], int],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(resource, **kwargs)
+        self.body_limit = body_limit
+        self.connections: set[Any] = set()
+        self.in_flight: set[NodeRequest] = set()
+        self.draining = False
+        self._idle_waiters: list[Deferred[None]] = []
+
+    def buildProtocol(self, addr: Any) -> Any:
+        protocol = super().buildProtocol(addr)
+        if protocol is None:
+            return None
+        site = self
+        lost = protocol.connectionLost
+
+        def connection_lost(reason: Any) -> None:
+            site.connections.discard(protocol)
+            lost(reason)
+
+        protocol.connectionLost = connection_lost
+        self.connections.add(protocol)
+        return protocol
+
+    def request_started(self, request: NodeRequest) -> None:
+        self.in_flight.add(request)
+        started = time.monotonic()
+
+        def done(result: object) -> None:
+            self.in_flight.discard(request)
+            if not self.in_flight:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+            metrics.record_request(
+                getattr(request, "route_template", "unmatched"),
+                request.code,
+                time.monotonic() - started,
+            )
+            if self.draining:
+                # The response is out: close the connection instead of keeping
+                # it alive for a next request that will never be served.
+                transport = request.channel.transport if request.channel else None
+                if transport is not None:
+                    transport.loseConnection()
+
+        request.notifyFinish().addBoth(done)
+
+    def when_idle(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires when no request is in flight (at once
+            when none is).  Cancelling it only stops the wait.
+        """
+        if not self.in_flight:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(self._idle_waiters.remove)
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def close_idle_connections(self) -> int:
+        """
+        Close every connection that has no request in progress.
+
+        @return: how many were closed.
+        """
+        closed = 0
+        busy = {r.channel for r in self.in_flight}
+        for protocol in list(self.connections):
+            channel = getattr(protocol, "_channel", protocol)
+            if channel in busy:
+                channel.persistent = False
+                continue
+            transport = protocol.transport
+            if transport is not None:
+                transport.loseConnection()
+                closed += 1
+        return closed
+
+    def abort_all(self) -> int:
+        """
+        Cut every connection still open (the grace deadline has passed).
+
+        @return: how many requests were cut off.
+        """
+        cut = len(self.in_flight)
+        for protocol in list(self.connections):
+            transport = protocol.transport
+            if transport is not None:
+                transport.abortConnection()
+        return cut
+
+
+class ApiSite(Service):
+    """
+    The public HTTP listener (API and git smart HTTP).
+
+    The port is bound in C{privilegedStartService}, so an address in use stops
+    start-up before anything else runs.  C{stopService} stops listening at
+    once, closes idle connections, lets in-flight requests finish until the
+    grace deadline and then cuts the rest.
+    """
+
+    name = "api"
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        site: NodeSite,
+        host: str,
+        port: int,
+        grace: Callable[[], float],
+    ) -> None:
+        self._reactor = reactor
+        self.site = site
+        self.host = host
+        self.port = port
+        self._grace = grace
+        self.listening: IListeningPort | None = None
+        self.cut_off = 0
+
+    @property
+    def bound_port(self) -> int:
+        assert self.listening is not None
+        return int(self.listening.getHost().port)
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self.listening is None:
+            try:
+                self.listening = self._reactor.listenTCP(
+                    self.port, self.site, interface=self.host
+                )
+            except CannotListenError as e:
+                raise SystemExit(
+                    f"gitlawb: cannot listen on {self.host}:{self.port} "
+                    f"(GITLAWB_HOST/GITLAWB_PORT): {e.socketError}"
+                ) from None
+
+    def startService(self) -> None:
+        if self.listening is None:
+            self.privilegedStartService()
+        super().startService()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Drain the site.
+
+        @return: a Deferred that fires once every in-flight request has
+            finished, or was cut off at the grace deadline.
+        """
+        super().stopService()
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        self.site.draining = True
+        if self.listening is not None:
+            await self.listening.stopListening()
+            self.listening = None
+        closed = self.site.close_idle_connections()
+        in_flight = len(self.site.in_flight)
+        self.log.info(
+            "http listener closed; idle connections closed={idle}, "
+            "requests in flight={busy}",
+            idle=closed,
+            busy=in_flight,
+        )
+        if not self.site.in_flight:
+            return
+
+        # Wait for the in-flight requests, bounded by the grace deadline.
+        idle = self.site.when_idle()
+        deadline = self._reactor.callLater(self._grace(), idle.cancel)
+        try:
+            await idle
+        except CancelledError:
+            pass
+        finally:
+            if deadline.active():
+                deadline.cancel()
+        if self.site.in_flight:
+            self.cut_off = self.site.abort_all()
+            self.log.warn(
+                "grace deadline passed; requests cut off={count}", count=self.cut_off
+            )
