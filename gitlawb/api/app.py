@@ -239,6 +239,8 @@ def authenticate(
         if e.code == "not_an_agent":
             headers = dict(NOT_AN_AGENT_HEADERS)
             extra = {"hint": REGISTER_HINT}
+        if e.retry_after is not None:
+            headers["Retry-After"] = str(max(1, int(e.retry_after)))
         raise ApiError(e.code, e.message, e.status, headers, extra) from None
     metrics.record_auth(route, None)
     return full_did(verified.signer_did)

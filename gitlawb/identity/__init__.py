@@ -1,0 +1,1 @@
+"""Node identity: Ed25519 keys and did:key names, signed requests, tokens."""
