@@ -32,6 +32,8 @@ from gitlawb.api.app import MAX_JSON_BODY, NodeContext, RateLimits, build_app
 from gitlawb.config import Settings
 from gitlawb.db.embedded import EmbeddedPostgres
 from gitlawb.db.service import DatabaseService
+from gitlawb.git.smart_http import GitService
+from gitlawb.git.store import RepositoryStore
 from gitlawb.identity.keys import NodeKey, load_or_create_key
 from gitlawb.identity.signatures import ReplayGuard
 from gitlawb.ratelimit import RateLimitJanitor
@@ -254,6 +256,18 @@ def make_node(
                   + list(route_installers or [])},
     )  # fmt: skip
     node.context = context  # type: ignore[attr-defined]
+
+    # git: stops after the listener has drained, before the database.
+    store = RepositoryStore(
+        settings.repositories_path,
+        reactor,
+        command_timeout=min(60.0, settings.git_service_timeout_secs),
+        fork_timeout=settings.git_service_timeout_secs,
+    )
+    context.services["store"] = store
+    git = GitService(context, store)
+    context.services["git"] = git
+    git.setServiceParent(node)
     app = build_app(context)
     site = NodeSite(
         app.resource(),
@@ -278,10 +292,14 @@ def _default_route_installers() -> list[Callable[..., None]]:
     The route areas beyond the meta routes, in the order they are installed.
     """
     installers: list[Callable[..., None]] = []
-    for module in ("agents", "repos"):
+    for module in ("agents", "repos", "certs"):
         try:
             imported = __import__(f"gitlawb.api.{module}", fromlist=["install"])
         except ModuleNotFoundError:
             continue
         installers.append(imported.install)
+    from gitlawb.git import smart_http
+
+    # Last: its /<owner>/<repo>/... patterns must not shadow the API's.
+    installers.append(smart_http.install)
     return installers

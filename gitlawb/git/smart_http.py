@@ -1,0 +1,567 @@
+"""
+Git smart HTTP (PROTOCOL.md section 6): C{info/refs}, C{git-upload-pack} and
+C{git-receive-pack} under C{/{owner}/{repo}[.git]}.
+
+Real git does the work: C{git upload-pack} / C{git receive-pack
+--stateless-rpc} run as children, fed from the request body (spooled to disk
+by twisted.web while it arrived, so memory stays flat) and writing their
+output straight to the client, paused when the client reads slowly.  A push's
+outcome is read from git's own report-status: only the refs git updated are
+recorded (L{gitlawb.git.push}).
+"""
+
+from __future__ import annotations
+
+import gzip
+import tempfile
+import zlib
+from dataclasses import dataclass
+from typing import IO, Any
+
+from klein import Klein
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from gitlawb import metrics
+from gitlawb.api.app import NodeContext, authenticate, check_rate, client_ip
+from gitlawb.api.errors import ApiError, repo_not_found, write_error
+from gitlawb.db.pool import Database
+from gitlawb.git.pktline import service_advertisement_header
+from gitlawb.git.process import GitCancelled, GitProcess, GitTimeout, run_git
+from gitlawb.git.push import PushRecorder, RefUpdate, RepoRef
+from gitlawb.git.report import (
+    PushCommands,
+    PushProtocolError,
+    ReportStatusParser,
+    read_push_commands,
+)
+from gitlawb.git.store import InvalidName, RepositoryStore, owner_short_key
+from gitlawb.identity.keys import InvalidDid, full_did
+
+log = Logger()
+
+SERVICES = ("git-upload-pack", "git-receive-pack")
+
+# How long a client is told to wait when every git slot of its kind is busy.
+BUSY_RETRY_AFTER = 5
+
+
+class GitSlots:
+    """
+    At most C{limit} git children of one kind (reads or writes) at once, so
+    that anonymous clones cannot starve signed pushes of processes.
+    """
+
+    def __init__(self, kind: str, limit: int) -> None:
+        self.kind = kind
+        self.limit = limit
+        self.used = 0
+
+    def acquire(self) -> None:
+        """
+        Take a slot.
+
+        @raise ApiError: 503 C{busy} with C{Retry-After} when none is free.
+        """
+        if self.used >= self.limit:
+            raise ApiError(
+                "busy",
+                f"too many git {self.kind} in progress; retry shortly",
+                headers={"Retry-After": str(BUSY_RETRY_AFTER)},
+            )
+        self.used += 1
+
+    def release(self) -> None:
+        self.used -= 1
+
+
+@dataclass(frozen=True)
+class ResolvedRepo:
+    ref: RepoRef
+    owner_short: str
+
+
+class GitService(Service):
+    """
+    Owns everything git: the read and write slots, the children running, the
+    push recorder.
+
+    At start (before the listener serves), stale lock files left by a git
+    that died with a killed node are removed, and once the database is ready
+    interrupted pushes are reconciled.  At stop (after the listener has
+    drained), children still running are killed and the pushes being
+    recorded are awaited, so the database is not closed under them.
+    """
+
+    name = "git"
+    log = Logger()
+
+    def __init__(self, context: NodeContext, store: RepositoryStore) -> None:
+        self.context = context
+        self.store = store
+        settings = context.settings
+        self.reads = GitSlots("reads", settings.git_max_reads)
+        self.writes = GitSlots("writes", settings.git_max_writes)
+        self.recorder = PushRecorder(
+            context.key, store, context.public_url, context.now
+        )
+        self.processes: set[GitProcess] = set()
+        self.pending: set[Deferred[Any]] = set()
+        self._reconciling: Deferred[None] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        removed = 0
+        for owner_dir in self.store.root.iterdir() if self.store.root.exists() else []:
+            for repo in owner_dir.glob("*.git"):
+                # No git of ours runs yet; the store still refuses to touch a
+                # repository that a surviving orphan git is using.
+                removed += len(self.store.clean_stale_locks(repo, older_than=0))
+        self.store.clean_stale_temp_dirs(older_than=0)
+        if removed:
+            self.log.warn("removed stale git lock files={count}", count=removed)
+        self._reconciling = Deferred.fromCoroutine(self._reconcile())
+        self._reconciling.addErrback(
+            lambda f: None
+            if f.check(CancelledError)
+            else self.log.failure("push reconciliation failed", f)
+        )
+
+    async def _reconcile(self) -> None:
+        db = await self.context.database_service.when_ready()
+        closed = await self.recorder.reconcile(db)
+        if closed:
+            self.log.warn("reconciled interrupted pushes={count}", count=closed)
+
+    def track(self, work: Deferred[Any]) -> None:
+        """
+        Keep C{work} (a push being recorded) until it is done, so that the
+        stop can wait for it.
+        """
+        self.pending.add(work)
+        work.addBoth(lambda result: (self.pending.discard(work), result)[1])
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Kill the git children still running and wait for pushes being
+        recorded.
+
+        @return: a Deferred that fires when no child runs and no push is
+            being recorded.
+        """
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._reconciling is not None and not self._reconciling.called:
+            self._reconciling.cancel()
+        running = list(self.processes)
+        for process in running:
+            process.cancel("node shutting down")
+        waits = [p.finished for p in running] + list(self.pending)
+        if waits:
+            self.log.info(
+                "waiting for git children={children}, pushes being recorded="
+                "{pushes}",
+                children=len(running),
+                pushes=len(self.pending),
+            )
+            await DeferredList(waits, consumeErrors=True)
+        self.cut_off = len(running)
+
+    async def run(
+        self, process: GitProcess, service: str, slots: GitSlots
+    ) -> int:
+        """
+        Run C{process} in one of C{slots}.  Cancelling the returned awaitable
+        (the client went away, or the shutdown cut the request) kills git.
+
+        @return: git's exit status.
+        @raise GitTimeout: when git ran past the service timeout (its group
+            was killed).
+        """
+        self.processes.add(process)
+        metrics.git_process_started(service)
+        try:
+            process.start()
+            waiter: Deferred[int] = Deferred(
+                lambda _: process.cancel("request cancelled")
+            )
+            process.finished.chainDeferred(waiter)
+            try:
+                return await waiter
+            except CancelledError:
+                # Wait for the group to be gone before letting go of the slot.
+                try:
+                    await process.finished
+                except Exception:
+                    pass
+                raise
+        finally:
+            self.processes.discard(process)
+            slots.release()
+            metrics.git_process_ended(service)
+
+
+def install(app: Klein, context: NodeContext) -> None:
+    git: GitService = context.services["git"]
+
+    @app.route("/<owner>/<repo>/info/refs", methods=["GET"])
+    async def info_refs(request: IRequest, owner: str, repo: str) -> bytes | None:
+        request.route_template = "/{owner}/{repo}/info/refs"  # type: ignore[attr-defined]
+        return await _info_refs(git, request, owner, repo)
+
+    @app.route("/<owner>/<repo>/git-upload-pack", methods=["POST"])
+    async def upload_pack(request: IRequest, owner: str, repo: str) -> bytes | None:
+        request.route_template = "/{owner}/{repo}/git-upload-pack"  # type: ignore[attr-defined]
+        return await _upload_pack(git, request, owner, repo)
+
+    @app.route("/<owner>/<repo>/git-receive-pack", methods=["POST"])
+    async def receive_pack(request: IRequest, owner: str, repo: str) -> bytes | None:
+        request.route_template = "/{owner}/{repo}/git-receive-pack"  # type: ignore[attr-defined]
+        return await _receive_pack(git, request, owner, repo)
+
+
+async def resolve_repo(
+    context: NodeContext, store: RepositoryStore, owner: str, name: str, viewer: str | None
+) -> ResolvedRepo:
+    """
+    Find a repository by owner (full DID or short key) and name (one C{.git}
+    suffix allowed), as C{viewer} may see it.
+
+    @raise ApiError: 404 C{repo_not_found} when it does not exist, or is
+        private and C{viewer} is not its owner.
+    """
+    try:
+        owner_did = full_did(owner)
+        owner_short = owner_short_key(owner_did)
+        path = store.path_for(owner_short, name)
+    except (InvalidDid, InvalidName, ValueError):
+        raise repo_not_found() from None
+    bare_name = path.name.removesuffix(".git")
+    rows = await context.db.query(
+        "SELECT id, owner_did, name, is_public FROM repos"
+        " WHERE owner_did = %s AND name = %s",
+        (owner_did, bare_name),
+    )
+    if not rows:
+        raise repo_not_found()
+    row = rows[0]
+    if not row["is_public"] and viewer != row["owner_did"]:
+        raise repo_not_found()
+    if not (path / "HEAD").is_file():
+        raise ApiError("git_error", "the repository is missing on disk")
+    return ResolvedRepo(
+        RepoRef(str(row["id"]), row["owner_did"], row["name"], row["is_public"], path),
+        owner_short,
+    )
+
+
+def _git_protocol(request: IRequest) -> str | None:
+    value = request.getHeader(b"git-protocol")
+    return None if value is None else value.decode("latin-1")
+
+
+def _no_cache(request: IRequest, content_type: str) -> None:
+    request.setHeader(b"content-type", content_type.encode("ascii"))
+    request.setHeader(b"cache-control", b"no-cache, max-age=0, must-revalidate")
+    request.setHeader(b"expires", b"Fri, 01 Jan 1980 00:00:00 GMT")
+    request.setHeader(b"pragma", b"no-cache")
+
+
+def _authorise_push(
+    git: GitService, request: IRequest, route: str
+) -> str:
+    """
+    The signer of a push request (required), within the push rate limit.
+    """
+    context = git.context
+    check_rate(context.limits.push, client_ip(request, context))
+    signer = authenticate(request, context, route, required=True)
+    assert signer is not None
+    return signer
+
+
+def _check_owner_push(git: GitService, repo: ResolvedRepo, signer: str) -> None:
+    if git.context.settings.enforce_owner_push and signer != repo.ref.owner_did:
+        raise ApiError("forbidden", "only the repository's owner may push to it")
+
+
+async def _info_refs(
+    git: GitService, request: IRequest, owner: str, name: str
+) -> bytes | None:
+    route = "/{owner}/{repo}/info/refs"
+    raw_service = request.args.get(b"service", [b""])[0]
+    service = raw_service.decode("latin-1")
+    if service not in SERVICES:
+        raise ApiError(
+            "bad_request",
+            "only smart HTTP is served: ask for ?service=git-upload-pack "
+            "or ?service=git-receive-pack",
+        )
+    if service == "git-receive-pack":
+        signer: str | None = _authorise_push(git, request, route)
+    else:
+        signer = authenticate(request, git.context, route, required=False)
+    repo = await resolve_repo(git.context, git.store, owner, name, signer)
+    if service == "git-receive-pack":
+        assert signer is not None
+        _check_owner_push(git, repo, signer)
+    slots = git.writes if service == "git-receive-pack" else git.reads
+    slots.acquire()
+
+    _no_cache(request, f"application/x-{service}-advertisement")
+    request.write(service_advertisement_header(service))
+    process = GitProcess(
+        [service.removeprefix("git-"), "--stateless-rpc", "--advertise-refs", "."],
+        reactor=git.context.reactor,
+        cwd=repo.ref.path,
+        consumer=request,
+        timeout=git.context.settings.git_service_timeout_secs,
+        git_protocol=_git_protocol(request),
+    )
+    await _run_streaming(git, request, process, service, slots)
+    return None
+
+
+def _request_body(request: IRequest, limit: int) -> IO[bytes]:
+    """
+    The request body as git must read it: the spooled file itself, or for a
+    C{Content-Encoding: gzip} body a temporary file holding it decompressed
+    (at most C{limit} bytes, so a small bomb cannot fill the disk).
+
+    @raise ApiError: 400 for a corrupt gzip body or an unknown encoding, 413
+        past C{limit}.
+    """
+    content = request.content
+    assert content is not None
+    content.seek(0)
+    encoding = (request.getHeader(b"content-encoding") or b"").strip().lower()
+    if encoding in (b"", b"identity"):
+        return content  # type: ignore[no-any-return]
+    if encoding not in (b"gzip", b"x-gzip"):
+        raise ApiError("bad_request", "unsupported Content-Encoding")
+    output = tempfile.TemporaryFile()
+    try:
+        with gzip.GzipFile(fileobj=content, mode="rb") as source:
+            written = 0
+            while chunk := source.read(1024 * 1024):
+                written += len(chunk)
+                if written > limit:
+                    raise ApiError(
+                        "payload_too_large",
+                        f"decompressed body is larger than {limit} bytes",
+                    )
+                output.write(chunk)
+    except (OSError, EOFError, zlib.error):
+        output.close()
+        raise ApiError("bad_request", "the gzip body is corrupt") from None
+    except ApiError:
+        output.close()
+        raise
+    output.seek(0)
+    return output
+
+
+async def _run_streaming(
+    git: GitService,
+    request: IRequest,
+    process: GitProcess,
+    service: str,
+    slots: GitSlots,
+) -> int | None:
+    """
+    Run git whose stdout goes to the client, and turn a failure into the
+    right answer: a JSON error while nothing was sent, a cut connection once
+    the response has started (so the client never takes a truncated answer
+    for a whole one).
+
+    @return: git's exit status, or C{None} when the request was answered
+        with an error.
+    """
+    try:
+        code = await git.run(process, service, slots)
+    except GitTimeout:
+        log.warn("git {service} timed out", service=service)
+        _fail(request, ApiError("git_timeout", "git took too long and was stopped"))
+        return None
+    except GitCancelled:
+        _fail(request, ApiError("git_error", "git was stopped"))
+        return None
+    if code != 0:
+        log.warn(
+            "git {service} exited {code}: {stderr}",
+            service=service,
+            code=code,
+            stderr=process.stderr.decode("utf-8", "replace")[-500:],
+        )
+        if process.bytes_out == 0:
+            _fail(request, ApiError("git_error", "git failed"))
+            return None
+    return code
+
+
+def _fail(request: IRequest, error: ApiError) -> None:
+    if not getattr(request, "startedWriting", False):
+        request.write(write_error(request, error))
+        return
+    transport = getattr(request.channel, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+
+
+async def _upload_pack(
+    git: GitService, request: IRequest, owner: str, name: str
+) -> bytes | None:
+    route = "/{owner}/{repo}/git-upload-pack"
+    signer = authenticate(request, git.context, route, required=False)
+    repo = await resolve_repo(git.context, git.store, owner, name, signer)
+    body = _request_body(request, 256 * 1024 * 1024)
+    git.reads.acquire()
+
+    # A fetch is counted when git sent a pack: several negotiation rounds
+    # make one fetch, and only the last carries the pack.
+    sent_pack = False
+
+    def watch(data: bytes) -> None:
+        nonlocal sent_pack
+        if not sent_pack and b"PACK" in data:
+            sent_pack = True
+
+    _no_cache(request, "application/x-git-upload-pack-result")
+    process = GitProcess(
+        ["upload-pack", "--stateless-rpc", "."],
+        reactor=git.context.reactor,
+        cwd=repo.ref.path,
+        stdin=body,
+        consumer=request,
+        tap=watch,
+        timeout=git.context.settings.git_service_timeout_secs,
+        git_protocol=_git_protocol(request),
+    )
+    code = await _run_streaming(git, request, process, "git-upload-pack", git.reads)
+    if code == 0 and sent_pack:
+        metrics.record_fetch(repo.ref.slug)
+        metrics.record_pack_size(process.bytes_out)
+    return None
+
+
+async def _receive_pack(
+    git: GitService, request: IRequest, owner: str, name: str
+) -> bytes | None:
+    route = "/{owner}/{repo}/git-receive-pack"
+    context = git.context
+    signer = _authorise_push(git, request, route)
+    repo = await resolve_repo(context, git.store, owner, name, signer)
+    _check_owner_push(git, repo, signer)
+    body = _request_body(request, context.settings.max_pack_bytes)
+    try:
+        commands = read_push_commands(body)
+    except PushProtocolError as e:
+        raise ApiError("bad_request", f"malformed push: {e}") from None
+    body.seek(0)
+    db = context.db
+    git.writes.acquire()
+    try:
+        intent = (
+            await git.recorder.open_intent(db, repo.ref, signer, commands.commands)
+            if commands.commands
+            else None
+        )
+    except BaseException:
+        git.writes.release()
+        raise
+
+    report = ReportStatusParser(commands.sideband)
+    _no_cache(request, "application/x-git-receive-pack-result")
+    process = GitProcess(
+        ["receive-pack", "--stateless-rpc", "."],
+        reactor=context.reactor,
+        cwd=repo.ref.path,
+        stdin=body,
+        consumer=request,
+        tap=report.feed,
+        timeout=context.settings.git_service_timeout_secs,
+        git_protocol=_git_protocol(request),
+    )
+    outcome: Deferred[Any] = Deferred()
+    git.track(outcome)
+    try:
+        try:
+            code = await _run_streaming(git, request, process, "git-receive-pack", git.writes)
+        finally:
+            # Whatever happened to the request, what git did is recorded.
+            if intent is not None:
+                recorded = Deferred.fromCoroutine(
+                    _settle(git, db, intent, repo, signer, commands, report, process)
+                )
+                recorded.chainDeferred(outcome)
+            else:
+                outcome.callback(None)
+        await outcome
+    except CancelledError:
+        raise
+    if code == 0:
+        metrics.record_pack_size(process.bytes_in)
+    return None
+
+
+async def _settle(
+    git: GitService,
+    db: Database,
+    intent: str,
+    repo: ResolvedRepo,
+    signer: str,
+    commands: PushCommands,
+    report: ReportStatusParser,
+    process: GitProcess,
+) -> None:
+    """
+    Record the refs git updated.  With a complete report, they are the refs
+    it reported C{ok}; without one (git was killed, or the client asked for
+    no report) they are the commands whose ref now points where the command
+    asked, read back from the repository.
+    """
+    if report.complete:
+        updated = report.updated_refs
+        candidates = [c for c in commands.commands if c.ref in updated]
+    else:
+        current = dict(await git.store.list_refs(repo.ref.path))
+        candidates = [
+            c
+            for c in commands.commands
+            if current.get(c.ref, "0" * len(c.new)) == c.new and c.old != c.new
+        ]
+    updates = [
+        RefUpdate(c.ref, c.old, c.new, await _forced(git, repo, c.old, c.new))
+        for c in candidates
+    ]
+    await git.recorder.record(db, intent, repo.ref, signer, updates)
+    if not updates:
+        await git.recorder.abandon_intent(db, intent)
+    log.info(
+        "push repo={repo} pusher={pusher} updated={updated} rejected={rejected}",
+        repo=repo.ref.slug,
+        pusher=signer,
+        updated=len(updates),
+        rejected=len(commands.commands) - len(updates),
+    )
+
+
+async def _forced(git: GitService, repo: ResolvedRepo, old: str, new: str) -> bool:
+    """
+    Whether moving a ref from C{old} to C{new} rewrote history (C{old} is
+    not an ancestor of C{new}).  Creations and deletions are not forced.
+    """
+    if set(old) == {"0"} or set(new) == {"0"}:
+        return False
+    result = await run_git(
+        ["merge-base", "--is-ancestor", old, new],
+        reactor=git.context.reactor,
+        cwd=repo.ref.path,
+        timeout=60,
+    )
+    return result.exit_code == 1
+
