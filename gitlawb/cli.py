@@ -40,8 +40,11 @@ def _migrations(settings: Settings) -> int:
         with connection, connection.cursor() as cursor:
             cursor.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
             applied: dict[int, tuple[str, object]] = {}
-            if cursor.fetchone()[0]:
-                cursor.execute("SELECT version, name, applied_at FROM schema_migrations")
+            exists = cursor.fetchone()
+            if exists is not None and exists[0]:
+                cursor.execute(
+                    "SELECT version, name, applied_at FROM schema_migrations"
+                )
                 applied = {v: (n, at) for v, n, at in cursor.fetchall()}
         connection.close()
         known = load_migrations()

@@ -258,7 +258,7 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative_float, "30",
             "Seconds in-flight work may take to finish after SIGTERM/SIGINT."),
     Setting("db_retry_initial_secs", "GITLAWB_DB_RETRY_INITIAL_SECS",
-            _positive_float, "5", "First wait before retrying an unreachable database."),
+            _positive_float, "5", "First wait before retrying an unreachable DB."),
     Setting("db_retry_max_secs", "GITLAWB_DB_RETRY_MAX_SECS", _positive_float, "60",
             "Longest wait between database connection attempts."),
     Setting("db_pool_size", "GITLAWB_DB_POOL_SIZE", _positive_int, "5",

@@ -19,6 +19,7 @@ from twisted.web.server import Site
 
 from gitlawb import metrics
 from gitlawb.db.service import DatabaseService
+from gitlawb.web import maybe_deferred
 
 
 class MetricsSite(Service):
@@ -67,7 +68,7 @@ class MetricsSite(Service):
     @property
     def bound_port(self) -> int:
         assert self.listening is not None
-        return int(self.listening.getHost().port)
+        return int(self.listening.getHost().port)  # type: ignore[attr-defined]
 
     def stopService(self) -> Deferred[None]:
         """
@@ -79,11 +80,7 @@ class MetricsSite(Service):
         if self.listening is None:
             return succeed(None)
         listening, self.listening = self.listening, None
-        return Deferred.fromCoroutine(_stop_listening(listening))
-
-
-async def _stop_listening(listening: IListeningPort) -> None:
-    await listening.stopListening()
+        return Deferred.fromCoroutine(maybe_deferred(listening.stopListening()))
 
 
 class MetricsPoller(Service):
@@ -116,9 +113,7 @@ class MetricsPoller(Service):
 
     def poll(self) -> Deferred[None]:
         self._running = Deferred.fromCoroutine(self._poll())
-        self._running.addErrback(
-            lambda f: self.log.failure("metrics poll failed", f)
-        )
+        self._running.addErrback(lambda f: self.log.failure("metrics poll failed", f))
         return self._running
 
     async def _poll(self) -> None:

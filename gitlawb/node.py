@@ -69,12 +69,12 @@ class GitlawbNode(MultiService):
 
     def _log_startup(self) -> None:
         s = self.settings
-        database: DatabaseService = self.getServiceNamed("database")  # type: ignore[assignment]
+        database: DatabaseService = self.getServiceNamed("database")
         self.log.info("gitlawb node {version} starting", version=__version__)
         self.log.info("node DID: {did}", did=self.key.did)
         self.log.info("database: {db}", db=database.description)
         self.log.info("repositories: {path}", path=s.repositories_path.resolve())
-        api: ApiSite = self.getServiceNamed("api")  # type: ignore[assignment]
+        api: ApiSite = self.getServiceNamed("api")
         bound = api.bound_port if api.listening is not None else s.port
         self.log.info(
             "http: {host}:{port} (public URL {url})",
@@ -106,8 +106,7 @@ class GitlawbNode(MultiService):
         name = signal.Signals(signum).name
         if self.shutting_down:
             self.log.warn(
-                "{signal} received: shutdown already under way "
-                "(grace {grace}s)",
+                "{signal} received: shutdown already under way (grace {grace}s)",
                 signal=name,
                 grace=self.settings.shutdown_grace_secs,
             )
@@ -278,7 +277,11 @@ def make_node(
     )
     site.displayTracebacks = False
     api = ApiSite(
-        reactor, site, settings.host, settings.port, lambda: settings.shutdown_grace_secs
+        reactor,
+        site,
+        settings.host,
+        settings.port,
+        lambda: settings.shutdown_grace_secs,
     )
     api_holder.append(api)
     api.setServiceParent(node)

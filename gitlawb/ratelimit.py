@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterable
+from typing import Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -61,13 +62,19 @@ class RateLimiter:
         @return: how many keys were forgotten.
         """
         cutoff = self._clock.seconds() - self.window
-        expired = [k for k, hits in self._hits.items() if not hits or hits[-1] <= cutoff]
+        expired = [
+            k for k, hits in self._hits.items() if not hits or hits[-1] <= cutoff
+        ]
         for key in expired:
             del self._hits[key]
         return len(expired)
 
     def __len__(self) -> int:
         return len(self._hits)
+
+
+class Sweepable(Protocol):
+    def sweep(self) -> int: ...
 
 
 class RateLimitJanitor(Service):
@@ -80,7 +87,10 @@ class RateLimitJanitor(Service):
     log = Logger()
 
     def __init__(
-        self, sweepables: Iterable[object], clock: IReactorTime, interval: float = 60.0
+        self,
+        sweepables: Iterable[Sweepable],
+        clock: IReactorTime,
+        interval: float = 60.0,
     ) -> None:
         self._sweepables = list(sweepables)
         self._loop = LoopingCall(self.sweep)
@@ -90,7 +100,7 @@ class RateLimitJanitor(Service):
     def sweep(self) -> int:
         removed = 0
         for item in self._sweepables:
-            removed += int(getattr(item, "sweep")())
+            removed += int(item.sweep())
         if removed:
             self.log.debug("swept expired rate-limit entries={count}", count=removed)
         return removed

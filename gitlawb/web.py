@@ -38,6 +38,15 @@ def body_limit_for(path: bytes, max_pack_bytes: int, max_json_bytes: int) -> int
     return max_json_bytes
 
 
+async def maybe_deferred(result: Deferred[None] | None) -> None:
+    """
+    Await what a Twisted call returned when it is a Deferred (C{stopListening}
+    may return C{None}).
+    """
+    if result is not None:
+        await result
+
+
 class NodeRequest(Request):
     """
     A request whose body is refused with 413 as soon as it is known to be too
@@ -52,7 +61,7 @@ class NodeRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         path = getattr(self.channel, "_path", b"") or b""
-        site: NodeSite = self.channel.site  # type: ignore[union-attr]
+        site: NodeSite = self.channel.site  # type: ignore[attr-defined]
         self._limit = site.body_limit(path)
         if length is not None and length > self._limit:
             # No "100 Continue": the client must not send a body we refuse.
@@ -75,7 +84,7 @@ class NodeRequest(Request):
         super().requestReceived(command, path, version)
 
     def process(self) -> None:
-        site: NodeSite = self.channel.site  # type: ignore[union-attr]
+        site: NodeSite = self.channel.site  # type: ignore[attr-defined]
         site.request_started(self)
         super().process()
 
@@ -234,7 +243,7 @@ class ApiSite(Service):
     @property
     def bound_port(self) -> int:
         assert self.listening is not None
-        return int(self.listening.getHost().port)
+        return int(self.listening.getHost().port)  # type: ignore[attr-defined]
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -267,7 +276,7 @@ class ApiSite(Service):
     async def _drain(self) -> None:
         self.site.draining = True
         if self.listening is not None:
-            await self.listening.stopListening()
+            await maybe_deferred(self.listening.stopListening())
             self.listening = None
         closed = self.site.close_idle_connections()
         in_flight = len(self.site.in_flight)

@@ -125,7 +125,7 @@ def client_ip(request: IRequest, context: NodeContext) -> str:
     if context.settings.trusted_proxy:
         forwarded = request.getHeader(b"x-forwarded-for")
         if forwarded:
-            last = forwarded.decode("latin-1").split(",")[-1].strip()
+            last = str(forwarded.decode("latin-1")).split(",")[-1].strip()
             if last:
                 return last
     peer = request.getClientAddress()
@@ -243,7 +243,8 @@ def authenticate(
             headers["Retry-After"] = str(max(1, int(e.retry_after)))
         raise ApiError(e.code, e.message, e.status, headers, extra) from None
     metrics.record_auth(route, None)
-    return full_did(verified.signer_did)
+    signer: str = full_did(verified.signer_did)
+    return signer
 
 
 def build_app(context: NodeContext) -> Klein:

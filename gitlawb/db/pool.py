@@ -11,7 +11,7 @@ queries in flight.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeAlias, TypeVar
 
 import psycopg2
 import psycopg2.extras
@@ -25,7 +25,8 @@ log = Logger()
 P = ParamSpec("P")
 T = TypeVar("T")
 
-Row = psycopg2.extras.DictRow
+# A psycopg2 DictRow: readable by position and by column name.
+Row: TypeAlias = Any
 
 # Errors that mean the connection (not the statement) is broken.
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
@@ -93,7 +94,8 @@ class Database:
         """
         Run one statement and return its rows.
         """
-        return await self._with_connection(lambda c: c.runQuery(sql, params))
+        rows: list[Row] = await self._with_connection(lambda c: c.runQuery(sql, params))
+        return rows
 
     async def execute(self, sql: str, params: Any = None) -> None:
         """
@@ -115,7 +117,9 @@ class Database:
         """
 
         def run(cursor: Any) -> Deferred[T]:
-            return Deferred.fromCoroutine(_as_coroutine(interaction(cursor, *args, **kwargs)))
+            return Deferred.fromCoroutine(
+                _as_coroutine(interaction(cursor, *args, **kwargs))
+            )
 
         return await self._with_connection(lambda c: c.runInteraction(run))  # type: ignore[no-any-return]
 
@@ -140,7 +144,9 @@ class Database:
             self._idle.append(connection)
             self._semaphore.release()
 
-    async def _replace(self, connection: txpostgres.Connection) -> txpostgres.Connection:
+    async def _replace(
+        self, connection: txpostgres.Connection
+    ) -> txpostgres.Connection:
         try:
             connection.close()
         except Exception:

@@ -353,7 +353,11 @@ class PushRecorder:
             owner_short = short_key(row["owner_did"])
             path = self._store.path_for(owner_short, row["name"])
             repo = RepoRef(
-                str(row["repo_id"]), row["owner_did"], row["name"], row["is_public"], path
+                str(row["repo_id"]),
+                row["owner_did"],
+                row["name"],
+                row["is_public"],
+                path,
             )
             current = dict(await self._store.list_refs(path)) if path.exists() else {}
             updates = []

@@ -16,11 +16,12 @@ import gzip
 import tempfile
 import zlib
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any, BinaryIO, cast
 
 from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -124,9 +125,11 @@ class GitService(Service):
             self.log.warn("removed stale git lock files={count}", count=removed)
         self._reconciling = Deferred.fromCoroutine(self._reconcile())
         self._reconciling.addErrback(
-            lambda f: None
-            if f.check(CancelledError)
-            else self.log.failure("push reconciliation failed", f)
+            lambda f: (
+                None
+                if f.check(CancelledError)
+                else self.log.failure("push reconciliation failed", f)
+            )
         )
 
     async def _reconcile(self) -> None:
@@ -141,7 +144,12 @@ class GitService(Service):
         stop can wait for it.
         """
         self.pending.add(work)
-        work.addBoth(lambda result: (self.pending.discard(work), result)[1])
+
+        def forget(result: object) -> object:
+            self.pending.discard(work)
+            return result
+
+        work.addBoth(forget)
 
     def stopService(self) -> Deferred[None]:
         """
@@ -163,17 +171,14 @@ class GitService(Service):
         waits = [p.finished for p in running] + list(self.pending)
         if waits:
             self.log.info(
-                "waiting for git children={children}, pushes being recorded="
-                "{pushes}",
+                "waiting for git children={children}, pushes being recorded={pushes}",
                 children=len(running),
                 pushes=len(self.pending),
             )
             await DeferredList(waits, consumeErrors=True)
         self.cut_off = len(running)
 
-    async def run(
-        self, process: GitProcess, service: str, slots: GitSlots
-    ) -> int:
+    async def run(self, process: GitProcess, service: str, slots: GitSlots) -> int:
         """
         Run C{process} in one of C{slots}.  Cancelling the returned awaitable
         (the client went away, or the shutdown cut the request) kills git.
@@ -225,7 +230,11 @@ def install(app: Klein, context: NodeContext) -> None:
 
 
 async def resolve_repo(
-    context: NodeContext, store: RepositoryStore, owner: str, name: str, viewer: str | None
+    context: NodeContext,
+    store: RepositoryStore,
+    owner: str,
+    name: str,
+    viewer: str | None,
 ) -> ResolvedRepo:
     """
     Find a repository by owner (full DID or short key) and name (one C{.git}
@@ -271,9 +280,7 @@ def _no_cache(request: IRequest, content_type: str) -> None:
     request.setHeader(b"pragma", b"no-cache")
 
 
-def _authorise_push(
-    git: GitService, request: IRequest, route: str
-) -> str:
+def _authorise_push(git: GitService, request: IRequest, route: str) -> str:
     """
     The signer of a push request (required), within the push rate limit.
     """
@@ -318,7 +325,7 @@ async def _info_refs(
         [service.removeprefix("git-"), "--stateless-rpc", "--advertise-refs", "."],
         reactor=git.context.reactor,
         cwd=repo.ref.path,
-        consumer=request,
+        consumer=cast(IConsumer, request),
         timeout=git.context.settings.git_service_timeout_secs,
         git_protocol=_git_protocol(request),
     )
@@ -326,7 +333,7 @@ async def _info_refs(
     return None
 
 
-def _request_body(request: IRequest, limit: int) -> IO[bytes]:
+def _request_body(request: IRequest, limit: int) -> BinaryIO:
     """
     The request body as git must read it: the spooled file itself, or for a
     C{Content-Encoding: gzip} body a temporary file holding it decompressed
@@ -343,7 +350,7 @@ def _request_body(request: IRequest, limit: int) -> IO[bytes]:
         return content  # type: ignore[no-any-return]
     if encoding not in (b"gzip", b"x-gzip"):
         raise ApiError("bad_request", "unsupported Content-Encoding")
-    output = tempfile.TemporaryFile()
+    output = cast(BinaryIO, tempfile.TemporaryFile())
     try:
         with gzip.GzipFile(fileobj=content, mode="rb") as source:
             written = 0
@@ -407,7 +414,7 @@ def _fail(request: IRequest, error: ApiError) -> None:
     if not getattr(request, "startedWriting", False):
         request.write(write_error(request, error))
         return
-    transport = getattr(request.channel, "transport", None)
+    transport = getattr(getattr(request, "channel", None), "transport", None)
     if transport is not None:
         transport.abortConnection()
 
@@ -436,7 +443,7 @@ async def _upload_pack(
         reactor=git.context.reactor,
         cwd=repo.ref.path,
         stdin=body,
-        consumer=request,
+        consumer=cast(IConsumer, request),
         tap=watch,
         timeout=git.context.settings.git_service_timeout_secs,
         git_protocol=_git_protocol(request),
@@ -481,8 +488,8 @@ async def _receive_pack(
         reactor=context.reactor,
         cwd=repo.ref.path,
         stdin=body,
-        consumer=request,
-        tap=report.feed,
+        consumer=cast(IConsumer, request),
+        tap=lambda data: None if report.feed(data) is None else None,
         timeout=context.settings.git_service_timeout_secs,
         git_protocol=_git_protocol(request),
     )
@@ -490,7 +497,9 @@ async def _receive_pack(
     git.track(outcome)
     try:
         try:
-            code = await _run_streaming(git, request, process, "git-receive-pack", git.writes)
+            code = await _run_streaming(
+                git, request, process, "git-receive-pack", git.writes
+            )
         finally:
             # Whatever happened to the request, what git did is recorded.
             if intent is not None:
@@ -564,4 +573,3 @@ async def _forced(git: GitService, repo: ResolvedRepo, old: str, new: str) -> bo
         timeout=60,
     )
     return result.exit_code == 1
-
