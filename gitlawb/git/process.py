@@ -26,7 +26,7 @@ never a terminal prompt, plus C{GIT_PROTOCOL} when the client asked for one.
 
 from __future__ import annotations
 
-import errno
+import functools
 import io
 import os
 import re
@@ -36,7 +36,7 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol, cast
+from typing import IO, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -180,14 +180,15 @@ def service_command(
     return args
 
 
-def _session_leader_prefix() -> list[str]:
+@functools.cache
+def _session_leader_prefix() -> tuple[str, ...]:
     """
     The argv prefix that runs a command as the leader of a new session.
     """
     setsid = shutil.which("setsid")
     if setsid is not None:
-        return [setsid]
-    return [sys.executable, "-c", _TRAMPOLINE]
+        return (setsid,)
+    return (sys.executable, "-c", _TRAMPOLINE)
 
 
 class _ProcessTransport(Protocol):
@@ -246,7 +247,7 @@ class _StdinFeeder:
     chunk_size = 64 * 1024
 
     def __init__(
-        self, owner: GitProcess, source: BinaryIO, transport: _ProcessTransport
+        self, owner: GitProcess, source: IO[bytes], transport: _ProcessTransport
     ) -> None:
         self._owner = owner
         self._source = source
@@ -324,9 +325,9 @@ class GitProcess:
         *,
         reactor: IReactorProcess,
         clock: IReactorTime | None = None,
-        stdin: BinaryIO | None = None,
+        stdin: IO[bytes] | None = None,
         consumer: IConsumer | None = None,
-        tap: Callable[[bytes], None] | None = None,
+        tap: Callable[[bytes], object] | None = None,
         timeout: float | None = 600.0,
         kill_grace: float = 5.0,
         git_protocol: str | None = None,
@@ -357,6 +358,8 @@ class GitProcess:
         @param stderr_limit: how much of the end of stderr to keep.
         """
         self._args = list(args)
+        # What the logs call this process: the git subcommand.
+        self._command = self._args[0] if self._args else executable
         self._reactor = reactor
         self._clock = clock if clock is not None else cast(IReactorTime, reactor)
         self._stdin = stdin
@@ -440,7 +443,7 @@ class GitProcess:
             self.log.info(
                 "git cancelled pid={pid} command={command} reason={reason}",
                 pid=self.pid,
-                command=self._args[0],
+                command=self._command,
                 reason=reason,
             )
         self._terminate()
@@ -514,7 +517,7 @@ class GitProcess:
             self.log.warn(
                 "git timed out pid={pid} command={command} seconds={seconds}",
                 pid=self.pid,
-                command=self._args[0],
+                command=self._command,
                 seconds=self._timeout,
             )
         self._terminate()
@@ -547,15 +550,16 @@ class GitProcess:
         try:
             os.killpg(self.pid, signum)
         except ProcessLookupError:
-            # Not a group yet (setsid has not run) or no member left: signal
-            # the child itself, which is then still ours or already gone.
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:
-                pass
-        except PermissionError as e:  # pragma: no cover - a foreign group
-            if e.errno != errno.EPERM:
-                raise
+            # No such group: setsid has not run yet (the child is still in
+            # our group; signal it alone), or every member is gone. The
+            # transport forgets the pid once the child is reaped, so a pid
+            # the system may have reused is never signalled.
+            if self._transport is not None and self._transport.pid is not None:
+                try:
+                    os.kill(self._transport.pid, signum)
+                except ProcessLookupError:
+                    pass
+        except PermissionError:  # pragma: no cover - cannot happen to our child
             self.log.error("cannot signal git group pid={pid}", pid=self.pid)
 
     def _ended(self, reason: Failure) -> None:
@@ -583,7 +587,7 @@ class GitProcess:
             "git ended pid={pid} command={command} status={status}"
             " seconds={seconds:.3f} bytes_in={bytes_in} bytes_out={bytes_out}",
             pid=self.pid,
-            command=self._args[0],
+            command=self._command,
             status=code,
             seconds=elapsed,
             bytes_in=self.bytes_in,

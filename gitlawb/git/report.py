@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from typing import IO, NamedTuple
 
 from gitlawb.git.pktline import Packet, PktLineError, PktLineReader, Special
 
@@ -243,7 +243,7 @@ class PushCommandParser:
 
 
 def read_push_commands(
-    stream: BinaryIO, chunk_size: int = 8192, max_bytes: int = 16 * 1024 * 1024
+    stream: IO[bytes], chunk_size: int = 8192, max_bytes: int = 16 * 1024 * 1024
 ) -> PushCommands:
     """
     Read the command section from a push body file.

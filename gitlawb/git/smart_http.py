@@ -489,7 +489,7 @@ async def _receive_pack(
         cwd=repo.ref.path,
         stdin=body,
         consumer=cast(IConsumer, request),
-        tap=lambda data: None if report.feed(data) is None else None,
+        tap=report.feed,
         timeout=context.settings.git_service_timeout_secs,
         git_protocol=_git_protocol(request),
     )
