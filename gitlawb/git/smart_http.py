@@ -24,13 +24,20 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IConsumer
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
+from zope.interface import implementer
 
 from gitlawb import metrics
 from gitlawb.api.app import NodeContext, authenticate, check_rate, client_ip
 from gitlawb.api.errors import ApiError, repo_not_found, write_error
 from gitlawb.db.pool import Database
-from gitlawb.git.pktline import service_advertisement_header
-from gitlawb.git.process import GitCancelled, GitProcess, GitTimeout, run_git
+from gitlawb.git.pktline import encode, service_advertisement_header
+from gitlawb.git.process import (
+    GitCancelled,
+    GitProcess,
+    GitTimeout,
+    run_git,
+    sanitize_git_protocol,
+)
 from gitlawb.git.push import PushRecorder, RefUpdate, RepoRef
 from gitlawb.git.report import (
     PushCommands,
@@ -47,6 +54,18 @@ SERVICES = ("git-upload-pack", "git-receive-pack")
 
 # How long a client is told to wait when every git slot of its kind is busy.
 BUSY_RETRY_AFTER = 5
+
+# upload-pack runs with ref-in-want off, whatever the repository says: git up
+# to at least 2.47 sends a protocol v2 fetch response's wanted-refs section
+# before its shallow-info section, against the specification and against its
+# own client, so with ref-in-want on every `git clone --depth N` fails with
+# "expected 'packfile', received 'shallow-info'" (git clients use want-ref
+# whenever the server advertises it).
+UPLOAD_PACK_CONFIG = {
+    "GIT_CONFIG_COUNT": "1",
+    "GIT_CONFIG_KEY_0": "uploadpack.allowRefInWant",
+    "GIT_CONFIG_VALUE_0": "false",
+}
 
 
 class GitSlots:
@@ -76,6 +95,72 @@ class GitSlots:
 
     def release(self) -> None:
         self.used -= 1
+
+
+# The gitlawb remote helper (0.7.1) buffers an upload request until git sends
+# "done", and never POSTs a push that carries no pack.  A shallow clone and a
+# delete-only push therefore hang it forever.  Not advertising those two
+# capabilities to it makes git refuse them at once with a clear message.
+REMOTE_HELPER_AGENT = b"git-remote-gitlawb/"
+REMOTE_HELPER_HIDDEN = {
+    "git-upload-pack": (b"shallow", b"deepen-since", b"deepen-not", b"deepen-relative"),
+    "git-receive-pack": (b"delete-refs",),
+}
+
+
+@implementer(IConsumer)
+class CapabilityFilter:
+    """
+    Passes an C{--advertise-refs} stream (protocol v0) to C{consumer}, with
+    C{hidden} capabilities removed from the first ref line.
+    """
+
+    def __init__(self, consumer: IConsumer, hidden: tuple[bytes, ...]) -> None:
+        self._consumer = consumer
+        self._hidden = set(hidden)
+        self._head = b""
+        self._done = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._consumer.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if not self._done and self._head:
+            self._done = True
+            self._consumer.write(self._head)
+        self._consumer.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        if self._done:
+            self._consumer.write(data)
+            return
+        self._head += data
+        if len(self._head) < 4:
+            return
+        try:
+            length = int(self._head[:4], 16)
+        except ValueError:
+            length = 0
+        if length < 4:
+            self._done = True
+            self._consumer.write(self._head)
+            return
+        if len(self._head) < length:
+            return
+        line, rest = self._head[4:length], self._head[length:]
+        self._done = True
+        self._consumer.write(self._filter(line) + rest)
+
+    def _filter(self, line: bytes) -> bytes:
+        refs, nul, capabilities = line.partition(b"\0")
+        if not nul:
+            return encode(line)
+        kept = [
+            c
+            for c in capabilities.rstrip(b"\n").split(b" ")
+            if c.split(b"=", 1)[0] not in self._hidden
+        ]
+        return encode(refs + b"\0" + b" ".join(kept) + b"\n")
 
 
 @dataclass(frozen=True)
@@ -269,8 +354,12 @@ async def resolve_repo(
 
 
 def _git_protocol(request: IRequest) -> str | None:
+    """
+    The C{Git-Protocol} header as git may get it in C{GIT_PROTOCOL}, or
+    C{None} (protocol v0) when it is absent or not a safe value.
+    """
     value = request.getHeader(b"git-protocol")
-    return None if value is None else value.decode("latin-1")
+    return None if value is None else sanitize_git_protocol(value.decode("latin-1"))
 
 
 def _no_cache(request: IRequest, content_type: str) -> None:
@@ -321,11 +410,16 @@ async def _info_refs(
 
     _no_cache(request, f"application/x-{service}-advertisement")
     request.write(service_advertisement_header(service))
+    consumer = cast(IConsumer, request)
+    agent = request.getHeader(b"user-agent") or b""
+    protocol = _git_protocol(request)
+    if REMOTE_HELPER_AGENT in agent and "version=2" not in (protocol or ""):
+        consumer = CapabilityFilter(consumer, REMOTE_HELPER_HIDDEN[service])
     process = GitProcess(
         [service.removeprefix("git-"), "--stateless-rpc", "--advertise-refs", "."],
         reactor=git.context.reactor,
         cwd=repo.ref.path,
-        consumer=cast(IConsumer, request),
+        consumer=consumer,
         timeout=git.context.settings.git_service_timeout_secs,
         git_protocol=_git_protocol(request),
     )
