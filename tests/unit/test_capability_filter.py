@@ -28,7 +28,8 @@ class ListConsumer:
 
 
 def advertisement() -> bytes:
-    first = f"{HEAD} refs/heads/main\0multi_ack shallow deepen-since side-band-64k agent=git/2.39\n"
+    caps = "multi_ack shallow deepen-since side-band-64k agent=git/2.39"
+    first = f"{HEAD} refs/heads/main\0{caps}\n"
     return encode(first) + encode(f"{HEAD} refs/tags/v1\n") + b"0000"
 
 
