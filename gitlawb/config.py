@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import psycopg2
+import psycopg2.extensions
 
 
 class ConfigError(ValueError):
@@ -110,10 +114,18 @@ def _text(text: str) -> str:
 _text.accepts = "any text"  # type: ignore[attr-defined]
 
 
+def _expand(text: str) -> Path:
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        # "~someone" when there is no such user (or no home directory).
+        raise ValueError from None
+
+
 def _path(text: str) -> Path | None:
     if not text:
         return None
-    return Path(text).expanduser()
+    return _expand(text)
 
 
 _path.accepts = "a filesystem path"  # type: ignore[attr-defined]
@@ -122,7 +134,7 @@ _path.accepts = "a filesystem path"  # type: ignore[attr-defined]
 def _required_path(text: str) -> Path:
     if not text.strip():
         raise ValueError
-    return Path(text).expanduser()
+    return _expand(text)
 
 
 _required_path.accepts = "a filesystem path (not empty)"  # type: ignore[attr-defined]
@@ -143,7 +155,9 @@ def _http_url(text: str) -> str | None:
     if not text:
         return None
     parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    # Reading .port raises ValueError for a port that is not a number up to
+    # 65535; port 0 cannot be reached either.
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port == 0:
         raise ValueError
     return text.rstrip("/")
 
@@ -157,6 +171,16 @@ def _database_url(text: str) -> str | None:
         return None
     if urlsplit(text).scheme not in ("postgres", "postgresql"):
         raise ValueError
+
+    # libpq's own parser: an unknown query parameter or a port that is not a
+    # number would otherwise only show up as a connection that keeps failing.
+    try:
+        parsed = psycopg2.extensions.parse_dsn(text)
+    except psycopg2.ProgrammingError:
+        raise ValueError from None
+    for port in parsed.get("port", "").split(","):
+        if port:
+            _port(port)
     return text
 
 
@@ -173,6 +197,8 @@ def _host_port(text: str) -> tuple[str, int] | None:
     if not sep or not host:
         raise ValueError
     host = host.strip("[]")
+    if not host:
+        raise ValueError
     ipaddress.ip_address(host) if host[0].isdigit() or ":" in host else _host(host)
     return host, _port(port)
 
@@ -196,6 +222,16 @@ def _multiaddr_list(text: str) -> tuple[str, ...]:
 
 
 _multiaddr_list.accepts = "a comma-separated list of multiaddrs (/ip4/.../p2p/...)"  # type: ignore[attr-defined]
+
+
+def _eth_address(text: str) -> str:
+    text = text.strip()
+    if text and not re.fullmatch(r"0x[0-9a-fA-F]{40}", text):
+        raise ValueError
+    return text
+
+
+_eth_address.accepts = "a 0x-prefixed 20-byte hex address, or empty"  # type: ignore[attr-defined]
 
 
 def _split_list(text: str) -> list[str]:
@@ -299,8 +335,29 @@ SETTINGS: tuple[Setting, ...] = (
             "Attempts before a sync row is recorded failed."),
     Setting("webhook_max_attempts", "GITLAWB_WEBHOOK_MAX_ATTEMPTS", _positive_int,
             "8", "Attempts before a webhook delivery is recorded failed."),
+    Setting("webhook_max_age_secs", "GITLAWB_WEBHOOK_MAX_AGE_SECS", _positive_float,
+            "86400", "Seconds after a push its webhook deliveries are retried."),
+    Setting("webhook_connect_timeout_secs", "GITLAWB_WEBHOOK_CONNECT_TIMEOUT_SECS",
+            _positive_float, "10",
+            "Seconds to resolve a webhook host, and again to connect to it."),
+    Setting("webhook_timeout_secs", "GITLAWB_WEBHOOK_TIMEOUT_SECS", _positive_float,
+            "10", "Seconds a webhook receiver has to answer, after the connect."),
+    Setting("webhook_retry_base_secs", "GITLAWB_WEBHOOK_RETRY_BASE_SECS",
+            _positive_float, "10",
+            "Wait before a webhook's first retry; doubled for each next one."),
+    Setting("webhook_retry_max_secs", "GITLAWB_WEBHOOK_RETRY_MAX_SECS",
+            _positive_float, "3600", "Longest wait between webhook attempts."),
+    Setting("webhook_concurrency", "GITLAWB_WEBHOOK_CONCURRENCY", _positive_int,
+            "16", "Webhook deliveries in flight at once."),
+    Setting("webhook_per_host_concurrency", "GITLAWB_WEBHOOK_PER_HOST_CONCURRENCY",
+            _positive_int, "2", "Webhook deliveries in flight to one host at once."),
     Setting("peer_timeout_secs", "GITLAWB_PEER_TIMEOUT_SECS", _positive_float, "5",
             "Bound on each outbound call to a peer."),
+    Setting("sync_git_timeout_secs", "GITLAWB_SYNC_GIT_TIMEOUT_SECS",
+            _positive_float, "600",
+            "Longest one git clone/fetch of a mirror may run (killed after)."),
+    Setting("sync_concurrency", "GITLAWB_SYNC_CONCURRENCY", _positive_int, "2",
+            "Repositories one node mirrors at the same time."),
     Setting("contract_node_staking", "GITLAWB_CONTRACT_NODE_STAKING", _text, "",
             "Address of the node-staking contract (heartbeat off when empty)."),
     Setting("operator_private_key", "GITLAWB_OPERATOR_PRIVATE_KEY", _text, "",
@@ -311,6 +368,11 @@ SETTINGS: tuple[Setting, ...] = (
             _positive_float, "20", "Hours between operator heartbeats."),
     Setting("chain_rpc_url", "GITLAWB_CHAIN_RPC_URL", _text, "",
             "JSON-RPC URL of the chain the staking contract lives on."),
+    Setting("contract_did_registry", "GITLAWB_CONTRACT_DID_REGISTRY", _eth_address,
+            "", "Address of the DID registry contract (served by /api/v1/contracts)."),
+    Setting("contract_name_registry", "GITLAWB_CONTRACT_NAME_REGISTRY",
+            _eth_address, "",
+            "Address of the name registry contract (served by /api/v1/contracts)."),
 )  # fmt: skip
 
 
@@ -353,12 +415,23 @@ class Settings:
     auto_sync: bool
     sync_max_attempts: int
     webhook_max_attempts: int
+    webhook_max_age_secs: float
+    webhook_connect_timeout_secs: float
+    webhook_timeout_secs: float
+    webhook_retry_base_secs: float
+    webhook_retry_max_secs: float
+    webhook_concurrency: int
+    webhook_per_host_concurrency: int
     peer_timeout_secs: float
+    sync_git_timeout_secs: float
+    sync_concurrency: int
     contract_node_staking: str
     operator_private_key: str = field(repr=False)
     operator_strict_mode: bool
     heartbeat_interval_hours: float
     chain_rpc_url: str
+    contract_did_registry: str
+    contract_name_registry: str
 
     @classmethod
     def load(
@@ -392,6 +465,12 @@ class Settings:
                 "GITLAWB_DB_RETRY_MAX_SECS",
                 str(settings.db_retry_max_secs),
                 "a number of seconds no smaller than GITLAWB_DB_RETRY_INITIAL_SECS",
+            )
+        if settings.webhook_retry_max_secs < settings.webhook_retry_base_secs:
+            raise ConfigError(
+                "GITLAWB_WEBHOOK_RETRY_MAX_SECS",
+                str(settings.webhook_retry_max_secs),
+                "a number of seconds no smaller than GITLAWB_WEBHOOK_RETRY_BASE_SECS",
             )
         return settings
 
