@@ -92,7 +92,9 @@ class SigningProxy:
         }
         if self.key is not None:
             headers.update(
-                sign_request(self.key, handler.command, handler.path, body, int(time.time()))
+                sign_request(
+                    self.key, handler.command, handler.path, body, int(time.time())
+                )
             )
         self.requests.append((handler.command, handler.path, len(body), chunked))
         connection = http.client.HTTPConnection(

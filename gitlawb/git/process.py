@@ -573,7 +573,17 @@ class GitProcess:
         self._deadline = self._hard_kill = None
         if self._producer_registered and self._consumer is not None:
             self._producer_registered = False
-            self._consumer.unregisterProducer()
+            try:
+                self._consumer.unregisterProducer()
+            except Exception as e:
+                # A twisted.web request whose client has gone raises here
+                # (its channel is None); finished must fire all the same, or
+                # the caller waits for this child forever.
+                self.log.debug(
+                    "consumer refused to unregister pid={pid}: {error!r}",
+                    pid=self.pid,
+                    error=e,
+                )
 
         if isinstance(reason.value, ProcessDone):
             code = 0

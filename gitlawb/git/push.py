@@ -92,6 +92,9 @@ class PushRecorder:
         self._store = store
         self._public_url = public_url
         self._now = now
+        # Intents this process opened and has not closed: their git may be
+        # running, so reconciliation leaves them alone.
+        self._open: set[str] = set()
 
     async def open_intent(
         self,
@@ -116,17 +119,21 @@ class PushRecorder:
                 json.dumps([[c.old, c.new, c.ref] for c in commands]),
             ),
         )
+        self._open.add(intent_id)
         return intent_id
 
     async def abandon_intent(self, db: Database, intent_id: str) -> None:
         """
         Close an intent whose push updated nothing.
         """
-        await db.execute(
-            "UPDATE push_intents SET state = 'abandoned', finished_at = now()"
-            " WHERE id = %s AND state = 'running'",
-            (intent_id,),
-        )
+        try:
+            await db.execute(
+                "UPDATE push_intents SET state = 'abandoned', finished_at = now()"
+                " WHERE id = %s AND state = 'running'",
+                (intent_id,),
+            )
+        finally:
+            self._open.discard(intent_id)
 
     async def record(
         self,
@@ -141,9 +148,12 @@ class PushRecorder:
 
         @return: the certificates issued (one per updated ref).
         """
-        certificates = await db.transaction(
-            self._record, intent_id, repo, pusher_did, list(updates)
-        )
+        try:
+            certificates = await db.transaction(
+                self._record, intent_id, repo, pusher_did, list(updates)
+            )
+        finally:
+            self._open.discard(intent_id)
         for _ in updates:
             metrics.record_push(repo.slug)
         return certificates
@@ -157,11 +167,12 @@ class PushRecorder:
         updates: list[RefUpdate],
     ) -> list[dict[str, Any]]:
         # Close the intent first: a concurrent reconciliation that already
-        # closed it means the rows exist and must not be written twice.
+        # closed it means the rows exist and must not be written twice.  A
+        # push that updated nothing is abandoned, not recorded.
         await cursor.execute(
-            "UPDATE push_intents SET state = 'recorded', finished_at = now()"
+            "UPDATE push_intents SET state = %s, finished_at = now()"
             " WHERE id = %s AND state = 'running' RETURNING id",
-            (intent_id,),
+            ("recorded" if updates else "abandoned", intent_id),
         )
         if cursor.fetchone() is None:
             return []
@@ -338,8 +349,10 @@ class PushRecorder:
     async def reconcile(self, db: Database) -> int:
         """
         Record the pushes whose git finished but whose transaction did not
-        (the node died in between).  Only intents opened before this node
-        started are looked at: their git processes are gone.
+        (the node died in between).  Intents this process opened are left
+        alone (their git may still run); the others must have no git left
+        running (see L{gitlawb.git.smart_http.GitService}, which kills the
+        ones a killed node left behind before calling this).
 
         @return: how many intents were closed.
         """
@@ -350,6 +363,8 @@ class PushRecorder:
         )
         closed = 0
         for row in rows:
+            if str(row["id"]) in self._open:
+                continue
             owner_short = short_key(row["owner_did"])
             path = self._store.path_for(owner_short, row["name"])
             repo = RepoRef(

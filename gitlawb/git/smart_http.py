@@ -13,15 +13,19 @@ recorded (L{gitlawb.git.push}).
 from __future__ import annotations
 
 import gzip
+import os
+import signal
 import tempfile
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from klein import Klein
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IConsumer
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
@@ -163,6 +167,66 @@ class CapabilityFilter:
         return encode(refs + b"\0" + b" ".join(kept) + b"\n")
 
 
+# How long the start waits for killed orphan git processes to be gone.
+ORPHAN_WAIT = 10.0
+
+
+def _proc_stat(pid_dir: Path) -> tuple[str, int, int]:
+    """
+    A process's state, process group and session, from C{/proc/<pid>/stat}.
+    """
+    fields = (pid_dir / "stat").read_text().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[2]), int(fields[3])
+
+
+def orphaned_git_groups(root: Path, proc: Path = Path("/proc")) -> set[int]:
+    """
+    The process groups of git children that a previous node left running in
+    C{root}: groups with a live process working inside C{root} whose session
+    leader is git (every L{GitProcess} child leads a session of its own).  A
+    git someone runs from a shell is in the shell's session and never
+    counts.  Empty when C{/proc} cannot be read.
+    """
+    found: set[int] = set()
+    prefix = str(root.resolve())
+    own_session = os.getsid(0)
+    try:
+        entries = [e for e in proc.iterdir() if e.name.isdigit()]
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            cwd = os.readlink(entry / "cwd")
+            state, group, session = _proc_stat(entry)
+            if state == "Z" or session in (0, own_session) or group != session:
+                continue
+            if cwd != prefix and not cwd.startswith(prefix + os.sep):
+                continue
+            if (proc / str(session) / "comm").read_text().strip() == "git":
+                found.add(session)
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def live_group_members(groups: set[int], proc: Path = Path("/proc")) -> bool:
+    """
+    Whether any process (not a zombie) still belongs to one of C{groups}.
+    """
+    try:
+        entries = [e for e in proc.iterdir() if e.name.isdigit()]
+    except OSError:
+        return False
+    for entry in entries:
+        try:
+            state, group, _ = _proc_stat(entry)
+        except (OSError, ValueError, IndexError):
+            continue
+        if group in groups and state != "Z":
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class ResolvedRepo:
     ref: RepoRef
@@ -174,11 +238,15 @@ class GitService(Service):
     Owns everything git: the read and write slots, the children running, the
     push recorder.
 
-    At start (before the listener serves), stale lock files left by a git
-    that died with a killed node are removed, and once the database is ready
-    interrupted pushes are reconciled.  At stop (after the listener has
-    drained), children still running are killed and the pushes being
-    recorded are awaited, so the database is not closed under them.
+    At start (before the listener serves), the git children a killed node
+    left running are killed (each ran in a session of its own, so they
+    outlived it: a receive-pack left alone could move a ref after the
+    reconciliation below has looked at it, and nobody would record it), the
+    stale lock files they leave are removed, and once the database is ready
+    and they are gone, interrupted pushes are reconciled.  At stop (after
+    the listener has drained), children still running are killed and the
+    pushes being recorded are awaited, so the database is not closed under
+    them.
     """
 
     name = "git"
@@ -199,16 +267,19 @@ class GitService(Service):
 
     def startService(self) -> None:
         super().startService()
-        removed = 0
-        for owner_dir in self.store.root.iterdir() if self.store.root.exists() else []:
-            for repo in owner_dir.glob("*.git"):
-                # No git of ours runs yet; the store still refuses to touch a
-                # repository that a surviving orphan git is using.
-                removed += len(self.store.clean_stale_locks(repo, older_than=0))
-        self.store.clean_stale_temp_dirs(older_than=0)
-        if removed:
-            self.log.warn("removed stale git lock files={count}", count=removed)
-        self._reconciling = Deferred.fromCoroutine(self._reconcile())
+        orphans = orphaned_git_groups(self.store.root)
+        if orphans:
+            self.log.warn(
+                "killing git left running by a previous node groups={groups}",
+                groups=sorted(orphans),
+            )
+            for group in orphans:
+                try:
+                    os.killpg(group, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self._clean_stale_files()
+        self._reconciling = Deferred.fromCoroutine(self._reconcile(orphans))
         self._reconciling.addErrback(
             lambda f: (
                 None
@@ -217,7 +288,26 @@ class GitService(Service):
             )
         )
 
-    async def _reconcile(self) -> None:
+    def _clean_stale_files(self) -> None:
+        removed = 0
+        for owner_dir in self.store.root.iterdir() if self.store.root.exists() else []:
+            for repo in owner_dir.glob("*.git"):
+                # No git of ours runs yet; the store still refuses to touch a
+                # repository that a dying orphan git is using.
+                removed += len(self.store.clean_stale_locks(repo, older_than=0))
+        self.store.clean_stale_temp_dirs(older_than=0)
+        if removed:
+            self.log.warn("removed stale git lock files={count}", count=removed)
+
+    async def _reconcile(self, orphans: set[int]) -> None:
+        if orphans:
+            # Killed, but maybe not gone yet: until they are, a ref may still
+            # move, and their lock files are kept.
+            clock = self.context.reactor
+            deadline = clock.seconds() + ORPHAN_WAIT
+            while live_group_members(orphans) and clock.seconds() < deadline:
+                await deferLater(clock, 0.05, lambda: None)
+            self._clean_stale_files()
         db = await self.context.database_service.when_ready()
         closed = await self.recorder.reconcile(db)
         if closed:
@@ -406,10 +496,7 @@ async def _info_refs(
         assert signer is not None
         _check_owner_push(git, repo, signer)
     slots = git.writes if service == "git-receive-pack" else git.reads
-    slots.acquire()
 
-    _no_cache(request, f"application/x-{service}-advertisement")
-    request.write(service_advertisement_header(service))
     consumer = cast(IConsumer, request)
     agent = request.getHeader(b"user-agent") or b""
     protocol = _git_protocol(request)
@@ -421,8 +508,13 @@ async def _info_refs(
         cwd=repo.ref.path,
         consumer=consumer,
         timeout=git.context.settings.git_service_timeout_secs,
-        git_protocol=_git_protocol(request),
+        git_protocol=protocol,
+        extra_env=UPLOAD_PACK_CONFIG if service == "git-upload-pack" else None,
     )
+    # Taken last: from here on git.run releases it, whatever happens.
+    slots.acquire()
+    _no_cache(request, f"application/x-{service}-advertisement")
+    request.write(service_advertisement_header(service))
     await _run_streaming(git, request, process, service, slots)
     return None
 
@@ -520,7 +612,6 @@ async def _upload_pack(
     signer = authenticate(request, git.context, route, required=False)
     repo = await resolve_repo(git.context, git.store, owner, name, signer)
     body = _request_body(request, 256 * 1024 * 1024)
-    git.reads.acquire()
 
     # A fetch is counted when git sent a pack: several negotiation rounds
     # make one fetch, and only the last carries the pack.
@@ -531,7 +622,6 @@ async def _upload_pack(
         if not sent_pack and b"PACK" in data:
             sent_pack = True
 
-    _no_cache(request, "application/x-git-upload-pack-result")
     process = GitProcess(
         ["upload-pack", "--stateless-rpc", "."],
         reactor=git.context.reactor,
@@ -541,7 +631,11 @@ async def _upload_pack(
         tap=watch,
         timeout=git.context.settings.git_service_timeout_secs,
         git_protocol=_git_protocol(request),
+        extra_env=UPLOAD_PACK_CONFIG,
     )
+    # Taken last: from here on git.run releases it, whatever happens.
+    git.reads.acquire()
+    _no_cache(request, "application/x-git-upload-pack-result")
     code = await _run_streaming(git, request, process, "git-upload-pack", git.reads)
     if code == 0 and sent_pack:
         metrics.record_fetch(repo.ref.slug)
@@ -564,6 +658,17 @@ async def _receive_pack(
         raise ApiError("bad_request", f"malformed push: {e}") from None
     body.seek(0)
     db = context.db
+    report = ReportStatusParser(commands.sideband)
+    process = GitProcess(
+        ["receive-pack", "--stateless-rpc", "."],
+        reactor=context.reactor,
+        cwd=repo.ref.path,
+        stdin=body,
+        consumer=cast(IConsumer, request),
+        tap=report.feed,
+        timeout=context.settings.git_service_timeout_secs,
+        git_protocol=_git_protocol(request),
+    )
     git.writes.acquire()
     try:
         intent = (
@@ -575,18 +680,7 @@ async def _receive_pack(
         git.writes.release()
         raise
 
-    report = ReportStatusParser(commands.sideband)
     _no_cache(request, "application/x-git-receive-pack-result")
-    process = GitProcess(
-        ["receive-pack", "--stateless-rpc", "."],
-        reactor=context.reactor,
-        cwd=repo.ref.path,
-        stdin=body,
-        consumer=cast(IConsumer, request),
-        tap=report.feed,
-        timeout=context.settings.git_service_timeout_secs,
-        git_protocol=_git_protocol(request),
-    )
     outcome: Deferred[Any] = Deferred()
     git.track(outcome)
     try:
