@@ -150,6 +150,13 @@ def _host(text: str) -> str:
 _host.accepts = "an IP address or host name to listen on"  # type: ignore[attr-defined]
 
 
+def _ip_address(text: str) -> str:
+    return str(ipaddress.ip_address(text.strip().strip("[]")))
+
+
+_ip_address.accepts = "an IPv4 or IPv6 address to listen on"  # type: ignore[attr-defined]
+
+
 def _http_url(text: str) -> str | None:
     text = text.strip()
     if not text:
@@ -284,6 +291,8 @@ SETTINGS: tuple[Setting, ...] = (
             secret=True),
     Setting("p2p_port", "GITLAWB_P2P_PORT", _port, "7546",
             "libp2p port (QUIC on UDP and TCP); 0 turns the swarm off."),
+    Setting("p2p_host", "GITLAWB_P2P_HOST", _ip_address, "0.0.0.0",
+            "Address libp2p listens on (all interfaces by default)."),
     Setting("p2p_bootstrap", "GITLAWB_P2P_BOOTSTRAP", _multiaddr_list, "",
             "libp2p multiaddrs to dial at start."),
     Setting("metrics_addr", "GITLAWB_METRICS_ADDR", _host_port, "",
@@ -390,6 +399,7 @@ class Settings:
     key: Path | None
     database_url: str | None
     p2p_port: int
+    p2p_host: str
     p2p_bootstrap: tuple[str, ...]
     metrics_addr: tuple[str, int] | None
     metrics_max_repos: int

@@ -29,16 +29,21 @@ from twisted.logger import Logger
 
 from gitlawb import __version__, metrics
 from gitlawb.api.app import MAX_JSON_BODY, NodeContext, RateLimits, build_app
-from gitlawb.config import Settings
+from gitlawb.chain import OperatorHeartbeat, operator_heartbeat_enabled
+from gitlawb.config import ConfigError, Settings
 from gitlawb.db.embedded import EmbeddedPostgres
 from gitlawb.db.service import DatabaseService
 from gitlawb.git.smart_http import GitService
 from gitlawb.git.store import RepositoryStore
+from gitlawb.heartbeat import HeartbeatService
 from gitlawb.identity.keys import NodeKey, load_or_create_key
 from gitlawb.identity.signatures import ReplayGuard
 from gitlawb.metrics_site import MetricsPoller, MetricsSite
+from gitlawb.peers import OutboxRelay, PeerClient, SqlRelayStore
 from gitlawb.ratelimit import RateLimitJanitor
+from gitlawb.sync import Mirrorer, SqlSyncQueue, SyncWorker
 from gitlawb.web import ApiSite, NodeSite, body_limit_for
+from gitlawb.webhooks import WebhookDispatcher
 
 
 class GitlawbNode(MultiService):
@@ -59,6 +64,7 @@ class GitlawbNode(MultiService):
         self.shutting_down = False
         self.fatal_error: str | None = None
         self._stop_started = 0.0
+        self._deadline: float | None = None
         self.cut_off: dict[str, int] = {}
 
     def startService(self) -> None:
@@ -91,6 +97,8 @@ class GitlawbNode(MultiService):
             self.log.info("p2p: port {port}", port=s.p2p_port)
         else:
             self.log.info("p2p: off")
+        if not operator_heartbeat_enabled(s):
+            self.log.info("operator heartbeat: off")
         self.log.info("shutdown grace: {grace}s", grace=s.shutdown_grace_secs)
 
     def _install_signal_handlers(self) -> None:
@@ -136,6 +144,17 @@ class GitlawbNode(MultiService):
         self.reactor.addSystemEventTrigger("after", "shutdown", exit_failed)
         self.reactor.stop()
 
+    def grace_remaining(self) -> float:
+        """
+        Seconds left until the shutdown's grace deadline: the whole grace
+        before the shutdown starts, then what remains of it.  Every child
+        that drains work measures against this one deadline, so the stop as
+        a whole is bounded by the grace, not by the grace times the children.
+        """
+        if self._deadline is None:
+            return float(self.settings.shutdown_grace_secs)
+        return max(0.0, self._deadline - float(self.reactor.seconds()))
+
     def stopService(self) -> Deferred[None]:
         """
         Stop every child, last started first, each after the one before it.
@@ -145,6 +164,7 @@ class GitlawbNode(MultiService):
         """
         self.shutting_down = True
         self._stop_started = time.monotonic()
+        self._deadline = self.reactor.seconds() + self.settings.shutdown_grace_secs
         metrics.set_shutdown_in_progress(True)
         self.log.info(
             "shutdown started (grace {grace}s)", grace=self.settings.shutdown_grace_secs
@@ -281,7 +301,7 @@ def make_node(
         site,
         settings.host,
         settings.port,
-        lambda: settings.shutdown_grace_secs,
+        node.grace_remaining,
     )
     api_holder.append(api)
     api.setServiceParent(node)
@@ -291,6 +311,79 @@ def make_node(
         host, port = settings.metrics_addr
         MetricsSite(reactor, host, port).setServiceParent(node)
 
+    # Peers: the signed, bounded client every outbound call goes through.
+    client = PeerClient(
+        reactor,
+        key,
+        timeout=settings.peer_timeout_secs,
+        allow_private=settings.allow_private_peers,
+    )
+    context.services["peer_client"] = client
+
+    # The outbox relay tells peers of each push (HTTP notify; gossip too when
+    # the swarm runs); the sync worker mirrors what peers announce.
+    relay = OutboxRelay(
+        reactor,
+        SqlRelayStore(database, key.did),
+        client,
+        grace=node.grace_remaining,
+    )
+    context.services["outbox_relay"] = relay
+    relay.setServiceParent(node)
+    if settings.auto_sync:
+        worker = SyncWorker(
+            reactor,
+            SqlSyncQueue(database, reactor),
+            Mirrorer(
+                reactor,
+                store,
+                timeout=settings.sync_git_timeout_secs,
+                allow_private=settings.allow_private_peers,
+                resolve=client.resolve,
+            ),
+            client,
+            public_url=public_url,
+            max_attempts=settings.sync_max_attempts,
+            grace=node.grace_remaining,
+            concurrency=settings.sync_concurrency,
+            lease=3 * settings.sync_git_timeout_secs + 120,
+        )
+        context.services["sync"] = worker
+        worker.setServiceParent(node)
+
+    # Webhook deliveries, sent from the rows each push writes.
+    webhooks = WebhookDispatcher.from_settings(
+        settings, reactor, database, grace=node.grace_remaining
+    )
+    context.services["webhooks"] = webhooks
+    webhooks.setServiceParent(node)
+
+    # Liveness: announce to bootstrap peers, ping known ones; the operator's
+    # on-chain heartbeat when it is configured.
+    async def own_repo_count() -> int:
+        rows = await database.database.query(
+            "SELECT count(*) FROM repos WHERE origin_did IS NULL"
+        )
+        return int(rows[0][0])
+
+    HeartbeatService(
+        reactor,
+        database,
+        client,
+        public_url=public_url,
+        bootstrap_peers=settings.bootstrap_peers,
+        repo_count=own_repo_count,
+    ).setServiceParent(node)
+    if operator_heartbeat_enabled(settings):
+        try:
+            operator = OperatorHeartbeat(
+                reactor, settings, key.did, on_fatal=node.fatal
+            )
+        except ConfigError as e:
+            raise StartupError(str(e)) from None
+        context.services["operator_heartbeat"] = operator
+        operator.setServiceParent(node)
+
     # Housekeeping.
     RateLimitJanitor([*limits.all(), replay], reactor).setServiceParent(node)
     MetricsPoller(reactor, database, peer_count=lambda: 0).setServiceParent(node)
@@ -299,17 +392,19 @@ def make_node(
 
 def _default_route_installers() -> list[Callable[..., None]]:
     """
-    The route areas beyond the meta routes, in the order they are installed.
+    The route areas beyond the meta routes, in the order they are installed;
+    git smart HTTP last, so that its C{/<owner>/<repo>/...} patterns never
+    shadow the API's.
     """
-    installers: list[Callable[..., None]] = []
-    for module in ("agents", "repos", "certs"):
-        try:
-            imported = __import__(f"gitlawb.api.{module}", fromlist=["install"])
-        except ModuleNotFoundError:
-            continue
-        installers.append(imported.install)
+    from gitlawb.api import agents, certs, contracts, hooks, peers, repos
     from gitlawb.git import smart_http
 
-    # Last: its /<owner>/<repo>/... patterns must not shadow the API's.
-    installers.append(smart_http.install)
-    return installers
+    return [
+        agents.install,
+        repos.install,
+        certs.install,
+        hooks.install,
+        peers.install,
+        contracts.install,
+        smart_http.install,
+    ]

@@ -783,7 +783,7 @@ class OutboxRelay(Service):
         client: PeerClient,
         *,
         gossip_publish: GossipPublish | None = None,
-        grace: float = 30.0,
+        grace: float | Callable[[], float] = 30.0,
         poll_interval: float = 1.0,
         batch_size: int = 20,
         max_attempts: int = 10,
@@ -831,7 +831,10 @@ class OutboxRelay(Service):
 
     async def _stop(self) -> None:
         self.cut_off = await stop_within_grace(
-            self._clock, [self._loop], self._in_flight, self._grace
+            self._clock,
+            [self._loop],
+            self._in_flight,
+            self._grace() if callable(self._grace) else self._grace,
         )
         if self.cut_off:
             self.log.warn("outbox relay cut at the grace deadline")

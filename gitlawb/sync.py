@@ -968,7 +968,7 @@ class SyncWorker(Service):
         *,
         public_url: Callable[[], str],
         max_attempts: int = 8,
-        grace: float = 30.0,
+        grace: float | Callable[[], float] = 30.0,
         concurrency: int = 2,
         poll_interval: float = 1.0,
         backoff_initial: float = 10.0,
@@ -1034,7 +1034,10 @@ class SyncWorker(Service):
 
     async def _stop(self) -> None:
         self.cut_off = await stop_within_grace(
-            self._clock, self._loops, self._in_flight, self._grace
+            self._clock,
+            self._loops,
+            self._in_flight,
+            self._grace() if callable(self._grace) else self._grace,
         )
         if self.cut_off:
             self.log.warn(
