@@ -39,9 +39,11 @@ from gitlawb.heartbeat import HeartbeatService
 from gitlawb.identity.keys import NodeKey, load_or_create_key
 from gitlawb.identity.signatures import ReplayGuard
 from gitlawb.metrics_site import MetricsPoller, MetricsSite
+from gitlawb.p2p.gossip import GossipService
+from gitlawb.p2p.swarm import SwarmService
 from gitlawb.peers import OutboxRelay, PeerClient, SqlRelayStore
 from gitlawb.ratelimit import RateLimitJanitor
-from gitlawb.sync import Mirrorer, SqlSyncQueue, SyncWorker
+from gitlawb.sync import Mirrorer, SqlSyncQueue, SyncWorker, ref_update_handler
 from gitlawb.web import ApiSite, NodeSite, body_limit_for
 from gitlawb.webhooks import WebhookDispatcher
 
@@ -94,7 +96,11 @@ class GitlawbNode(MultiService):
         else:
             self.log.info("metrics: off")
         if s.p2p_port:
-            self.log.info("p2p: port {port}", port=s.p2p_port)
+            self.log.info(
+                "p2p: {host} port {port} (QUIC/UDP and TCP)",
+                host=s.p2p_host,
+                port=s.p2p_port,
+            )
         else:
             self.log.info("p2p: off")
         if not operator_heartbeat_enabled(s):
@@ -320,12 +326,39 @@ def make_node(
     )
     context.services["peer_client"] = client
 
-    # The outbox relay tells peers of each push (HTTP notify; gossip too when
+    # The libp2p swarm and the gossip of ref updates (GITLAWB_P2P_PORT=0: none).
+    gossip: GossipService | None = None
+
+    def peer_count() -> int:
+        return swarm.connected_peer_count() if gossip is not None else 0
+
+    if settings.p2p_port:
+        swarm = SwarmService(
+            reactor,
+            key,
+            settings.p2p_port,
+            settings.p2p_host,
+            settings.p2p_bootstrap,
+            on_fatal=node.fatal,
+        )
+        gossip = GossipService(
+            swarm,
+            ref_update_handler(
+                database, auto_sync=settings.auto_sync, local_did=key.did
+            ),
+        )
+        swarm.setServiceParent(node)
+        gossip.setServiceParent(node)
+        context.p2p_info = swarm.info
+        context.services.update(swarm=swarm, gossip=gossip)
+
+    # The outbox relay tells peers of each push (HTTP notify, and gossip when
     # the swarm runs); the sync worker mirrors what peers announce.
     relay = OutboxRelay(
         reactor,
         SqlRelayStore(database, key.did),
         client,
+        gossip_publish=gossip.publish if gossip is not None else None,
         grace=node.grace_remaining,
     )
     context.services["outbox_relay"] = relay
@@ -386,7 +419,7 @@ def make_node(
 
     # Housekeeping.
     RateLimitJanitor([*limits.all(), replay], reactor).setServiceParent(node)
-    MetricsPoller(reactor, database, peer_count=lambda: 0).setServiceParent(node)
+    MetricsPoller(reactor, database, peer_count=peer_count).setServiceParent(node)
     return node
 
 

@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import NodeProcess, fresh_database, free_port, node_env, server_reachable
+from tests.support import (
+    NodeProcess,
+    free_port,
+    fresh_database,
+    node_env,
+    server_reachable,
+)
 
 # The embedded PostgreSQL wheel asks platformdirs for a runtime directory.
 os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")

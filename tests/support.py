@@ -123,7 +123,11 @@ class Agent:
         *,
         raw: bytes | None = None,
     ) -> Response:
-        body = raw if raw is not None else (b"" if value is None else json.dumps(value).encode())
+        body = (
+            raw
+            if raw is not None
+            else (b"" if value is None else json.dumps(value).encode())
+        )
         headers = self.signed_headers(method, target, body)
         if body:
             headers["Content-Type"] = "application/json"

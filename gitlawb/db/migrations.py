@@ -147,9 +147,7 @@ class MigrationRunner:
         self, connection: Connection, migrations: Sequence[Migration] | None = None
     ) -> None:
         self.connection = connection
-        self.migrations = list(
-            load_migrations() if migrations is None else migrations
-        )
+        self.migrations = list(load_migrations() if migrations is None else migrations)
 
     async def run(self) -> list[Migration]:
         """

@@ -15,9 +15,10 @@ from typing import Any, Concatenate, ParamSpec, TypeAlias, TypeVar
 
 import psycopg2
 import psycopg2.extras
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from txpostgres import txpostgres
 
 log = Logger()
@@ -49,10 +50,33 @@ async def open_connection(reactor: IReactorCore, dsn: str) -> txpostgres.Connect
     """
     Open one txpostgres connection.
 
+    Cancelling the wait (the node stopping while a server does not answer)
+    closes the half-open connection and raises C{CancelledError}.
+
     @raise psycopg2.OperationalError: when the server cannot be reached.
     """
     connection = txpostgres.Connection(reactor=reactor)
-    await connection.connect(**connect_kwargs(dsn))
+    connecting = connection.connect(**connect_kwargs(dsn))
+
+    # txpostgres cancels by asking psycopg2 to cancel a query, which psycopg2
+    # refuses while the connection is still being made; closing it is the way
+    # to give up.  The attempt then fails with ConnectionDone, which nobody is
+    # waiting for any more.
+    def give_up(waiting: Deferred[None]) -> None:
+        waiting.errback(CancelledError())
+        connection.close()
+
+    def settle(result: object) -> None:
+        if waiting.called:
+            return
+        if isinstance(result, Failure):
+            waiting.errback(result)
+        else:
+            waiting.callback(None)
+
+    waiting: Deferred[None] = Deferred(give_up)
+    connecting.addBoth(settle)
+    await waiting
     return connection
 
 

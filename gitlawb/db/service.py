@@ -6,6 +6,7 @@ the connection retries, the migrations, and the pool.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import psycopg2
 from twisted.application.service import Service
@@ -15,10 +16,13 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from txpostgres import txpostgres
 
 from gitlawb.db.embedded import EmbeddedPostgres, EmbeddedPostgresError
 from gitlawb.db.migrations import MigrationError, MigrationRunner
 from gitlawb.db.pool import Database, open_connection
+
+T = TypeVar("T")
 
 
 class DatabaseUnavailable(Exception):
@@ -75,6 +79,8 @@ class DatabaseService(Service):
         self._starting: Deferred[None] | None = None
         self._embedded_started = False
         self._waiters: list[Deferred[Database]] = []
+        self._migrating: txpostgres.Connection | None = None
+        self._embedded_thread: Deferred[bool] | None = None
 
     @property
     def description(self) -> str:
@@ -118,11 +124,12 @@ class DatabaseService(Service):
     async def _start(self) -> None:
         # The embedded cluster first: initdb on the first run, then pg_ctl.
         if self._embedded is not None:
-            pool = getattr(self._reactor, "getThreadPool")()
+            # initdb and pg_ctl cannot be interrupted: a stop waits for this
+            # thread (see _stop), so start-up waits on a follower of it that
+            # can be cancelled without losing sight of the thread.
+            self._embedded_thread = self._in_thread(self._embedded.ensure_started)
             try:
-                self._embedded_started = await deferToThreadPool(
-                    self._reactor, pool, self._embedded.ensure_started
-                )
+                self._embedded_started = await _follow(self._embedded_thread)
             except EmbeddedPostgresError as e:
                 self._on_fatal(f"the embedded PostgreSQL could not start: {e}")
                 return
@@ -138,6 +145,9 @@ class DatabaseService(Service):
                 database = await self._connect_and_migrate(dsn)
                 break
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as e:
+                if not self.running:
+                    # The node is stopping: the failure is the closed connection.
+                    return
                 self.log.warn(
                     "database unavailable ({error}); retrying in {delay:.1f}s",
                     error=str(e).strip().splitlines()[0] if str(e).strip() else e,
@@ -154,9 +164,11 @@ class DatabaseService(Service):
 
     async def _connect_and_migrate(self, dsn: str) -> Database:
         connection = await open_connection(self._reactor, dsn)
+        self._migrating = connection
         try:
             applied = await MigrationRunner(connection).run()
         finally:
+            self._migrating = None
             connection.close()
         if applied:
             self.log.info("schema migrated, applied={count}", count=len(applied))
@@ -164,12 +176,20 @@ class DatabaseService(Service):
         await database.open()
         return database
 
+    def _in_thread(self, work: Callable[[], T]) -> Deferred[T]:
+        # The embedded cluster's pg_ctl calls block for up to a second.
+        reactor: Any = self._reactor
+        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+
     @property
     def _clock(self) -> IReactorTime:
         return self._reactor  # type: ignore[return-value]
 
     def _start_failed(self, failure: Failure) -> None:
-        if failure.check(CancelledError):
+        if failure.check(CancelledError) or not self.running:
+            # Stopped before the database was ready; txpostgres reports a
+            # cancelled query with its own exception, not CancelledError.
+            self.log.info("database start-up abandoned: the node is stopping")
             return
         if failure.check(MigrationError):
             self._on_fatal(f"database schema: {failure.value}")
@@ -190,15 +210,41 @@ class DatabaseService(Service):
     async def _stop(self) -> None:
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
+        if self._migrating is not None:
+            # Waiting for the migration lock (another node migrating) or in the
+            # middle of a migration: closing the session releases the lock and
+            # rolls the migration back.
+            self._migrating.close()
         for waiter in list(self._waiters):
             waiter.cancel()
         if self._database is not None:
             await self._database.close()
         if self._embedded is not None:
-            pool = getattr(self._reactor, "getThreadPool")()
+            if self._embedded_thread is not None:
+                # Stopping while initdb or pg_ctl start still runs would leave
+                # a server behind the node: let it finish, then stop it.
+                await self._embedded_thread
             try:
-                await deferToThreadPool(self._reactor, pool, self._embedded.stop)
+                await self._in_thread(self._embedded.stop)
                 self.log.info("embedded PostgreSQL stopped")
             except EmbeddedPostgresError as e:
                 self.log.error("embedded PostgreSQL did not stop: {error}", error=e)
 
+
+def _follow(source: Deferred[T]) -> Deferred[T]:
+    """
+    A Deferred that fires with C{source}'s result; cancelling it leaves
+    C{source} alone, and C{source} then fires with C{None} once it is done.
+    """
+    follower: Deferred[T] = Deferred()
+
+    def settle(result: T | Failure) -> None:
+        if follower.called:
+            return
+        if isinstance(result, Failure):
+            follower.errback(result)
+        else:
+            follower.callback(result)
+
+    source.addBoth(settle)
+    return follower

@@ -29,7 +29,9 @@ class Options(usage.Options):
         try:
             self["settings"] = Settings.load(flags=flags)
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            # One line naming the setting, not twistd's page of usage text that
+            # a UsageError would print above it.
+            raise SystemExit(f"gitlawb: {e}") from None
 
 
 @implementer(IServiceMaker, IPlugin)
