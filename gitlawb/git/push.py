@@ -22,6 +22,7 @@ from typing import Any
 from twisted.logger import Logger
 
 from gitlawb import metrics
+from gitlawb.api.agents import record_push_trust
 from gitlawb.db.pool import Database
 from gitlawb.git.report import RefCommand
 from gitlawb.git.store import RepositoryStore
@@ -68,13 +69,6 @@ class RefUpdate:
     @property
     def deleted(self) -> bool:
         return set(self.new) == {"0"}
-
-
-def trust_for(pushes: int) -> float:
-    """
-    PROTOCOL.md section 4: trust after C{pushes} accepted pushes.
-    """
-    return min(1.0, 0.05 + 0.05 * pushes)
 
 
 class PushRecorder:
@@ -180,15 +174,7 @@ class PushRecorder:
             return []
 
         # The pusher's trust grows with each push (PROTOCOL.md section 4).
-        await cursor.execute(
-            "INSERT INTO agents (did, push_count, trust_score, last_seen)"
-            " VALUES (%s, 1, %s, now())"
-            " ON CONFLICT (did) DO UPDATE SET"
-            "  push_count = agents.push_count + 1,"
-            "  trust_score = LEAST(1.0, 0.05 + 0.05 * (agents.push_count + 1)),"
-            "  last_seen = now()",
-            (pusher_did, trust_for(1)),
-        )
+        await record_push_trust(cursor, pusher_did)
 
         hooks = await self._matching_hooks(cursor, repo.id, "push")
         certificates = []

@@ -231,6 +231,8 @@ def live_group_members(groups: set[int], proc: Path = Path("/proc")) -> bool:
 class ResolvedRepo:
     ref: RepoRef
     owner_short: str
+    #: Where a mirror was replicated from; C{None} for this node's own.
+    origin_url: str | None = None
 
 
 class GitService(Service):
@@ -426,7 +428,7 @@ async def resolve_repo(
         raise repo_not_found() from None
     bare_name = path.name.removesuffix(".git")
     rows = await context.db.query(
-        "SELECT id, owner_did, name, is_public FROM repos"
+        "SELECT id, owner_did, name, is_public, origin_url FROM repos"
         " WHERE owner_did = %s AND name = %s",
         (owner_did, bare_name),
     )
@@ -440,6 +442,7 @@ async def resolve_repo(
     return ResolvedRepo(
         RepoRef(str(row["id"]), row["owner_did"], row["name"], row["is_public"], path),
         owner_short,
+        row["origin_url"],
     )
 
 
@@ -471,6 +474,12 @@ def _authorise_push(git: GitService, request: IRequest, route: str) -> str:
 
 
 def _check_owner_push(git: GitService, repo: ResolvedRepo, signer: str) -> None:
+    if repo.origin_url is not None:
+        # The next fetch from the origin would silently undo the push.
+        raise ApiError(
+            "forbidden",
+            f"this repository is a mirror of {repo.origin_url}; push to its origin",
+        )
     if git.context.settings.enforce_owner_push and signer != repo.ref.owner_did:
         raise ApiError("forbidden", "only the repository's owner may push to it")
 
@@ -738,6 +747,13 @@ async def _settle(
     await git.recorder.record(db, intent, repo.ref, signer, updates)
     if not updates:
         await git.recorder.abandon_intent(db, intent)
+    else:
+        # Webhooks and peers learn of the push now rather than at their next
+        # poll; the rows were committed above.
+        for name in ("webhooks", "outbox_relay"):
+            service = git.context.services.get(name)
+            if service is not None:
+                service.wake()
     log.info(
         "push repo={repo} pusher={pusher} updated={updated} rejected={rejected}",
         repo=repo.ref.slug,

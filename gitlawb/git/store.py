@@ -80,7 +80,6 @@ _SERVING_CONFIG: tuple[tuple[str, str], ...] = (
     ("uploadpack.allowFilter", "true"),
     # Protocol v2 clients may fetch by ref name; this avoids the race
     # between the ref advertisement and the fetch.
-    ("uploadpack.allowRefInWant", "true"),
     # Only advertised tips (and, under v2, reachable commits) may be
     # fetched: never arbitrary objects someone may have deleted.
     ("uploadpack.allowAnySHA1InWant", "false"),
