@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
@@ -34,6 +35,7 @@ from gitlawb.identity.signatures import (
     REGISTER_HINT,
     ReplayGuard,
     SignatureError,
+    VerifiedRequest,
     verify_signed_request,
 )
 from gitlawb.ratelimit import RateLimiter
@@ -223,15 +225,30 @@ def authenticate(
         return None if value is None else value.decode("latin-1")
 
     method = request.method.decode("ascii", "replace").upper()
-    try:
-        verified = verify_signed_request(
+    target = request.uri.decode("latin-1")
+    digest = body_digest(request)
+
+    def verify(signed_target: str) -> VerifiedRequest:
+        return verify_signed_request(
             method=method,
-            target=request.uri.decode("latin-1"),
+            target=signed_target,
             headers=header,
-            body_digest=body_digest(request),
+            body_digest=digest,
             now=context.now(),
             replay=context.replay,
         )
+
+    try:
+        try:
+            verified = verify(target)
+        except SignatureError as e:
+            # gl 0.7.1 signs the path before percent-encoding it; for such a
+            # target the decoded form is what the client signed.  Nothing is
+            # remembered by a failed verification, so trying twice is safe.
+            decoded = unquote(target)
+            if e.code != "invalid_signature" or e.status != 401 or decoded == target:
+                raise
+            verified = verify(decoded)
     except SignatureError as e:
         metrics.record_auth(route, e.code)
         headers: dict[str, str] = {}
