@@ -52,11 +52,14 @@ def install(app: Klein, context: NodeContext) -> None:
         request.route_template = route  # type: ignore[attr-defined]
         viewer = authenticate(request, context, route, required=False)
         limit = _limit(request)
+        # An id prefix: `gl cert show REPO ID` with a short ID (as `gl cert
+        # list` prints) looks the certificate up with ?prefix=ID and uses the
+        # one match.
         prefix = request.args.get(b"prefix", [b""])[0].decode("utf-8", "replace")
         found = await resolve_repo(context, store, owner, repo, viewer)
         rows = await context.db.query(
             "SELECT * FROM ref_certificates WHERE repo_id = %s"
-            " AND starts_with(ref_name, %s) ORDER BY issued_at DESC, ref_name"
+            " AND starts_with(id::text, lower(%s)) ORDER BY issued_at DESC, ref_name"
             " LIMIT %s",
             (found.ref.id, prefix, limit),
         )

@@ -91,6 +91,8 @@ def event_json(row: Any) -> dict[str, Any]:
         "pusher_did": row["pusher_did"],
         "repo": row["repo"],
         "ref_name": row["ref_name"],
+        # `gl node status` (0.7.1) reads the ref from "ref", not "ref_name".
+        "ref": row["ref_name"],
         "old_sha": row["old_sha"],
         "new_sha": row["new_sha"],
         "timestamp": row["timestamp"],
