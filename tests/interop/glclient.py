@@ -21,7 +21,9 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 #: The client version the node must stay compatible with.
@@ -293,3 +295,73 @@ def _fetch(npm: str, cache: Path, bin_dir: Path) -> None:
         os.replace(staged, bin_dir)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+#: No client command may take longer: a hang fails the test.
+CLIENT_TIMEOUT = 120
+
+
+@dataclass
+class GlUser:
+    """
+    One client user: a home directory (its C{~/.gitlawb}) and the closed
+    environment the clients run in, aimed at one node.
+    """
+
+    home: Path
+    node: NodeProcess
+    did: str = ""
+
+    @property
+    def short(self) -> str:
+        return self.did.rsplit(":", 1)[1]
+
+    def run(
+        self,
+        *args: str,
+        cwd: Path | None = None,
+        check: bool = True,
+        input: bytes | None = None,
+        timeout: float = CLIENT_TIMEOUT,
+    ) -> subprocess.CompletedProcess[str]:
+        """
+        Run a command (C{gl ...} or C{git ...}) as this user.
+
+        @raise AssertionError: C{check} and it exited non-zero.
+        """
+        done = subprocess.run(
+            list(args),
+            cwd=cwd or self.home,
+            env=gl_env(self.home, self.node.url),
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+        )
+        result = subprocess.CompletedProcess(
+            done.args,
+            done.returncode,
+            done.stdout.decode("utf-8", "replace"),
+            done.stderr.decode("utf-8", "replace"),
+        )
+        if check:
+            assert result.returncode == 0, (
+                f"{' '.join(args)} exited {result.returncode}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
+        return result
+
+    def git(self, *args: str, cwd: Path | None = None) -> str:
+        """
+        Run C{git args}; return its standard output.
+        """
+        return self.run("git", *args, cwd=cwd).stdout
+
+    def gl(self, *args: str, check: bool = True) -> str:
+        """
+        Run C{gl args}; return its standard output.
+        """
+        return self.run("gl", *args, check=check).stdout
+
+
+if TYPE_CHECKING:
+    from tests.support import NodeProcess

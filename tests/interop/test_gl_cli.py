@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import stat
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.interop.glclient import NPM_MISSING_REASON, gl_binaries, gl_env
+from tests.interop.glclient import NPM_MISSING_REASON, GlUser, gl_binaries
 from tests.support import NodeProcess, free_port, request
 
 pytestmark = pytest.mark.interop
@@ -34,59 +33,6 @@ TIMEOUT = 120
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-@dataclass
-class GlUser:
-    """
-    One client user: a home directory (its C{~/.gitlawb}) and the closed
-    environment the clients run in, aimed at one node.
-    """
-
-    home: Path
-    node: NodeProcess
-    did: str = ""
-
-    @property
-    def env(self) -> dict[str, str]:
-        return gl_env(self.home, self.node.url)
-
-    @property
-    def short(self) -> str:
-        return self.did.rsplit(":", 1)[1]
-
-    def run(
-        self,
-        *args: str,
-        cwd: Path | None = None,
-        check: bool = True,
-        timeout: float = TIMEOUT,
-    ) -> subprocess.CompletedProcess[str]:
-        """
-        Run a command (C{gl ...} or C{git ...}) as this user.
-
-        @raise AssertionError: C{check} and it exited non-zero.
-        """
-        done = subprocess.run(
-            list(args),
-            cwd=cwd or self.home,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        if check:
-            assert done.returncode == 0, (
-                f"{' '.join(args)} exited {done.returncode}\n"
-                f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
-            )
-        return done
-
-    def gl(self, *args: str, check: bool = True) -> str:
-        """
-        Run C{gl args}; return its standard output.
-        """
-        return self.run("gl", *args, check=check).stdout
 
 
 def node_info(node: NodeProcess) -> dict[str, Any]:

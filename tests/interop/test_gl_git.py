@@ -12,7 +12,6 @@ C{PATH}; every git command has a timeout, so a hang fails the test.
 from __future__ import annotations
 
 import random
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.interop.glclient import NPM_MISSING_REASON, gl_binaries, gl_env
+from tests.interop.glclient import NPM_MISSING_REASON, GlUser, gl_binaries
 from tests.support import NodeProcess
 
 pytestmark = pytest.mark.interop
@@ -37,59 +36,6 @@ MAIN_COMMITS = 200
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-@dataclass
-class GlUser:
-    """
-    One client user: a home directory (its C{~/.gitlawb}) and the closed
-    environment the clients run in, aimed at one node.
-    """
-
-    home: Path
-    node: NodeProcess
-    did: str = ""
-
-    @property
-    def short(self) -> str:
-        return self.did.rsplit(":", 1)[1]
-
-    def run(
-        self,
-        *args: str,
-        cwd: Path | None = None,
-        check: bool = True,
-        input: bytes | None = None,
-        timeout: float = TIMEOUT,
-    ) -> subprocess.CompletedProcess[str]:
-        """
-        Run a command (C{gl ...} or C{git ...}) as this user.
-
-        @raise AssertionError: C{check} and it exited non-zero.
-        """
-        done = subprocess.run(
-            list(args),
-            cwd=cwd or self.home,
-            env=gl_env(self.home, self.node.url),
-            input=input,
-            capture_output=True,
-            timeout=timeout,
-        )
-        result = subprocess.CompletedProcess(
-            done.args,
-            done.returncode,
-            done.stdout.decode("utf-8", "replace"),
-            done.stderr.decode("utf-8", "replace"),
-        )
-        if check:
-            assert result.returncode == 0, (
-                f"{' '.join(args)} exited {result.returncode}\n"
-                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-            )
-        return result
-
-    def git(self, *args: str, cwd: Path | None = None) -> str:
-        return self.run("git", *args, cwd=cwd).stdout
 
 
 def build_history(user: GlUser, path: Path) -> None:
