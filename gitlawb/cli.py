@@ -14,11 +14,7 @@ from gitlawb.config import ConfigError, Settings
 
 
 def _migrations(settings: Settings) -> int:
-    import psycopg2
-    import psycopg2.extras
-
     from gitlawb.db.embedded import EmbeddedPostgres, EmbeddedPostgresError
-    from gitlawb.db.migrations import load_migrations
 
     embedded = None
     started = False
@@ -32,39 +28,56 @@ def _migrations(settings: Settings) -> int:
             return 1
         dsn = embedded.dsn
     try:
-        try:
-            connection = psycopg2.connect(dsn, connect_timeout=10)
-        except psycopg2.OperationalError as e:
-            print(f"gitlawb: cannot reach the database: {e}".strip(), file=sys.stderr)
-            return 1
-        with connection, connection.cursor() as cursor:
-            cursor.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
-            applied: dict[int, tuple[str, object]] = {}
-            exists = cursor.fetchone()
-            if exists is not None and exists[0]:
-                cursor.execute(
-                    "SELECT version, name, applied_at FROM schema_migrations"
-                )
-                applied = {v: (n, at) for v, n, at in cursor.fetchall()}
-        connection.close()
-        known = load_migrations()
-        print(f"{'version':<8} {'name':<32} applied")
-        for migration in known:
-            if migration.version in applied:
-                name, at = applied[migration.version]
-                state = str(at)
-                if name != migration.name:
-                    state += f"  (recorded as {name!r}: mismatch)"
-            else:
-                state = "pending"
-            print(f"{migration.version:<8} {migration.name:<32} {state}")
-        for version in sorted(set(applied) - {m.version for m in known}):
-            name, at = applied[version]
-            print(f"{version:<8} {name:<32} {at}  (unknown to this code)")
-        return 0
+        status = _print_migrations(dsn)
     finally:
         if embedded is not None and started:
-            embedded.stop()
+            try:
+                embedded.stop()
+            except EmbeddedPostgresError as e:
+                print(f"gitlawb: {e}", file=sys.stderr)
+                status = 1
+    return status
+
+
+def _print_migrations(dsn: str) -> int:
+    """
+    Print each migration the code knows and its state in the database at
+    C{dsn}, then any version the database has that the code does not.
+
+    @return: the exit status.
+    """
+    import psycopg2
+
+    from gitlawb.db.migrations import load_migrations
+
+    try:
+        connection = psycopg2.connect(dsn, connect_timeout=10)
+    except psycopg2.OperationalError as e:
+        print(f"gitlawb: cannot reach the database: {e}".strip(), file=sys.stderr)
+        return 1
+    with connection, connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        applied: dict[int, tuple[str, object]] = {}
+        exists = cursor.fetchone()
+        if exists is not None and exists[0]:
+            cursor.execute("SELECT version, name, applied_at FROM schema_migrations")
+            applied = {v: (n, at) for v, n, at in cursor.fetchall()}
+    connection.close()
+    known = load_migrations()
+    print(f"{'version':<8} {'name':<32} applied")
+    for migration in known:
+        if migration.version in applied:
+            name, at = applied[migration.version]
+            state = str(at)
+            if name != migration.name:
+                state += f"  (recorded as {name!r}: mismatch)"
+        else:
+            state = "pending"
+        print(f"{migration.version:<8} {migration.name:<32} {state}")
+    for version in sorted(set(applied) - {m.version for m in known}):
+        name, at = applied[version]
+        print(f"{version:<8} {name:<32} {at}  (unknown to this code)")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -76,7 +76,23 @@ class EmbeddedPostgres:
         return f"embedded PostgreSQL in {self.data_dir.resolve()}"
 
     def is_running(self) -> bool:
-        return self._pg_ctl(["status"], check=False).returncode == 0
+        """
+        Whether the cluster's server runs.
+
+        @raise EmbeddedPostgresError: when C{pg_ctl} cannot tell, the data
+            directory being out of its reach for one: "not running" would then
+            be a guess, and a stop that believed it would leave the server up.
+        """
+        result = self._pg_ctl(["status"], check=False)
+        # pg_ctl status: 0 running, 3 not running, 4 no accessible data dir.
+        if result.returncode == 0:
+            return True
+        if result.returncode == 3:
+            return False
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        raise EmbeddedPostgresError(
+            f"pg_ctl status failed: {' / '.join(detail[-3:]) or result.returncode}"
+        )
 
     def ensure_started(self) -> bool:
         """
@@ -127,7 +143,12 @@ class EmbeddedPostgres:
         Stop the server with a fast shutdown: open sessions are ended, every
         committed transaction is on disk.
         """
-        if not (self.data_dir / "PG_VERSION").exists() or not self.is_running():
+        if not (self.data_dir / "PG_VERSION").exists():
+            return
+        # Someone may have narrowed a parent directory's permissions since the
+        # start; the server's user must reach the cluster to stop it.
+        self._prepare_ownership()
+        if not self.is_running():
             return
         self._pg_ctl(["stop", "-w", "-m", "fast", "-t", str(int(self.timeout))])
 
