@@ -27,7 +27,7 @@ from twisted.web.iweb import IRequest
 
 from gitlawb.api.app import NodeContext
 from gitlawb.api.errors import write_json
-from gitlawb.chain import (
+from gitlawb.chain_info import (
     KNOWN_CHAINS,
     effective_rpc_url,
     guess_chain_id,
@@ -60,6 +60,7 @@ def contracts_body(settings: Settings, observed_chain_id: int | None) -> dict[st
 def install(app: Klein, context: NodeContext) -> None:
     @app.route("/api/v1/contracts", methods=["GET"])
     def contracts(request: IRequest) -> bytes:
+        request.route_template = "/api/v1/contracts"  # type: ignore[attr-defined]
         heartbeat = context.services.get("operator_heartbeat")
         observed = getattr(heartbeat, "chain_id", None)
         return write_json(request, 200, contracts_body(context.settings, observed))
