@@ -32,6 +32,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    DeferredList,
     DeferredSemaphore,
     FirstError,
     gatherResults,
@@ -476,6 +477,12 @@ class PeerClient:
         except PeerError:
             raise
         except Exception as e:
+            # The agent reports a cut made while it waits for the answer as
+            # ResponseNeverReceived (wrapping the cancellation), not as one.
+            if expired:
+                raise PeerTimeout(
+                    f"{method} {url} took longer than {bound:g}s"
+                ) from None
             raise PeerError(f"{method} {url} failed: {_describe(e)}") from None
         finally:
             if timer.active():
@@ -845,20 +852,34 @@ class OutboxRelay(Service):
 
         @return: whether any row was claimed.
         """
-        # Rows of a batch go one after the other, each bounded by the client.
         lease = self._batch_size * 2 * (self._client.timeout + 1) + 30
         items = await self._store.claim(self._batch_size, lease)
         if not items:
             return False
         peers = await self._store.peers()
-        for index, item in enumerate(items):
-            try:
-                failures = await self._in_flight.run(self._send(item, peers))
-            except CancelledError:
-                await self._store.release(items[index:])
-                raise
-            await self._settle(item, failures, len(peers))
+        # The rows of a batch go out together: a peer that hangs costs the
+        # batch one client timeout, not one per row, and the rows behind it
+        # (their gossip included) are not held up by it.
+        outcomes = await DeferredList(
+            [Deferred.fromCoroutine(self._relay(item, peers)) for item in items],
+            consumeErrors=True,
+        )
+        cut = [
+            item
+            for item, (_, result) in zip(items, outcomes, strict=True)
+            if isinstance(result, Failure) and result.check(CancelledError)
+        ]
+        if cut:
+            await self._store.release(cut)
+            raise CancelledError()
+        for _, result in outcomes:
+            if isinstance(result, Failure):
+                result.raiseException()
         return True
+
+    async def _relay(self, item: OutboxItem, peers: list[Peer]) -> None:
+        failures = await self._in_flight.run(self._send(item, peers))
+        await self._settle(item, failures, len(peers))
 
     async def _send(self, item: OutboxItem, peers: list[Peer]) -> list[str]:
         """

@@ -457,10 +457,10 @@ class OutboxRelayTests(SynchronousTestCase):
         clock.advance(1)
 
         self.successResultOf(stopped)
-        assert silent.cancelled == 1
+        assert silent.cancelled == 2
         assert store.outcomes == [("release", 1, None), ("release", 2, None)]
         assert all(row["attempts"] == 0 for row in store.rows.values())
-        assert service.cut_off == 1
+        assert service.cut_off == 2
         assert clock.getDelayedCalls() == []
 
 
