@@ -20,6 +20,7 @@ reached, and marked done.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
 import socket
@@ -401,6 +402,7 @@ class PeerClient:
         self.allow_private = allow_private
         self._clock: IReactorTime = clock if clock is not None else reactor
         self._max_body = max_body
+        self._last_created: dict[tuple[str, str, bytes], int] = {}
         self.resolve: Resolver = resolve or _system_resolver(reactor)
         if http is None:
             from treq.client import HTTPClient
@@ -420,6 +422,26 @@ class PeerClient:
         C{path} (starting with C{/}) under a peer's base URL.
         """
         return base.rstrip("/") + path
+
+    def _created(self, method: str, target: str, body: bytes) -> int:
+        """
+        The C{created} second to sign a request with.
+
+        Ed25519 is deterministic and C{created} has one-second resolution, so
+        the same write sent twice within a second would carry the same
+        signature, which peers refuse as a replay.  A repeat in the same second
+        is dated one second later instead (well inside the 300 s skew).
+        """
+        now = int(self._clock.seconds())
+        key = (method, target, hashlib.sha256(body).digest())
+        created = max(now, self._last_created.get(key, now - 1) + 1)
+        self._last_created[key] = created
+        if len(self._last_created) > 4096:
+            # Forget what is too old to collide again.
+            self._last_created = {
+                k: v for k, v in self._last_created.items() if v >= now
+            }
+        return created
 
     async def request(
         self,
@@ -449,7 +471,7 @@ class PeerClient:
         body = b"" if json_body is None else _json_bytes(json_body)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         headers = sign_request(
-            self.key, method, target, body, int(self._clock.seconds())
+            self.key, method, target, body, self._created(method, target, body)
         )
         headers["User-Agent"] = f"gitlawb-node/{__version__}"
         headers["Accept"] = "application/json"

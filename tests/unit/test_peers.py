@@ -471,3 +471,21 @@ async def _raise(error: Exception) -> None:
 def test_cancelled_error_is_not_a_peer_error() -> None:
     """A cancellation from outside the client is not reported as a timeout."""
     assert not issubclass(CancelledError, PeerError)
+
+
+def test_repeated_signed_write_in_one_second_gets_a_new_signature() -> None:
+    """The same signed write sent twice in one second is dated a second apart."""
+    from twisted.internet.task import Clock
+
+    from gitlawb.identity.keys import NodeKey
+    from gitlawb.peers import PeerClient
+
+    clock = Clock()
+    clock.advance(1_000)
+    client = PeerClient(clock, NodeKey.generate(), http=object(), clock=clock)
+
+    first = client._created("PUT", "/api/v1/repos/o/r/replicas", b"{}")
+    second = client._created("PUT", "/api/v1/repos/o/r/replicas", b"{}")
+    other = client._created("PUT", "/api/v1/repos/o/other/replicas", b"{}")
+
+    assert (first, second, other) == (1_000, 1_001, 1_000)
