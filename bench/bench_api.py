@@ -65,6 +65,7 @@ def serve(database_url: str, data_dir: str) -> None:
             "GITLAWB_HOST": "127.0.0.1",
             "GITLAWB_PORT": "0",
             "GITLAWB_P2P_PORT": "0",
+            "GITLAWB_ACCESS_LOG": os.environ.get("GITLAWB_ACCESS_LOG", "true"),
             "GITLAWB_SIGNER_RATE_LIMIT": "0",
             "GITLAWB_CREATE_RATE_LIMIT": "0",
             "GITLAWB_DB_POOL_SIZE": os.environ.get("GITLAWB_DB_POOL_SIZE", "5"),

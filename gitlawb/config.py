@@ -328,6 +328,8 @@ SETTINGS: tuple[Setting, ...] = (
             _non_negative_int, "60", "sync/trigger calls per client IP per hour."),
     Setting("peer_write_rate_limit", "GITLAWB_PEER_WRITE_RATE_LIMIT",
             _non_negative_int, "600", "Peer announces/notifies per IP per hour."),
+    Setting("access_log", "GITLAWB_ACCESS_LOG", _boolean, "true",
+            "Log one line per HTTP request (metrics count them either way)."),
     Setting("trusted_proxy", "GITLAWB_TRUSTED_PROXY", _boolean, "false",
             "Take the client IP from X-Forwarded-For's rightmost entry."),
     Setting("bootstrap_peers", "GITLAWB_BOOTSTRAP_PEERS", _url_list, "",
@@ -417,6 +419,7 @@ class Settings:
     push_rate_limit: int
     sync_trigger_rate_limit: int
     peer_write_rate_limit: int
+    access_log: bool
     trusted_proxy: bool
     bootstrap_peers: tuple[str, ...]
     require_signed_peer_writes: bool

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 
 from gitlawb import __version__, metrics
 from gitlawb.api.app import MAX_JSON_BODY, NodeContext, RateLimits, build_app
-from gitlawb.chain import OperatorHeartbeat, operator_heartbeat_enabled
+from gitlawb.chain_info import operator_heartbeat_enabled
 from gitlawb.config import ConfigError, Settings
 from gitlawb.db.embedded import EmbeddedPostgres
 from gitlawb.db.service import DatabaseService
@@ -39,8 +39,6 @@ from gitlawb.heartbeat import HeartbeatService
 from gitlawb.identity.keys import NodeKey, load_or_create_key
 from gitlawb.identity.signatures import ReplayGuard
 from gitlawb.metrics_site import MetricsPoller, MetricsSite
-from gitlawb.p2p.gossip import GossipService
-from gitlawb.p2p.swarm import SwarmService
 from gitlawb.peers import OutboxRelay, PeerClient, SqlRelayStore
 from gitlawb.ratelimit import RateLimitJanitor
 from gitlawb.sync import Mirrorer, SqlSyncQueue, SyncWorker, ref_update_handler
@@ -126,6 +124,9 @@ class GitlawbNode(MultiService):
             )
             return
         self.log.info("{signal} received: shutting down", signal=name)
+        # Set now, not when the stop begins: two signals handled in one turn
+        # of the reactor would otherwise stop it twice (ReactorNotRunning).
+        self.shutting_down = True
         # twistd re-raises the signal after the reactor stops, as it does with
         # its own handlers, so the exit status says what stopped the node.
         self.reactor._exitSignal = signum
@@ -176,21 +177,38 @@ class GitlawbNode(MultiService):
             "shutdown started (grace {grace}s)", grace=self.settings.shutdown_grace_secs
         )
         super(MultiService, self).stopService()
+
+        # The public port refuses new connections from the first moment,
+        # not only when its turn to stop comes: the services stopped before
+        # it may take the whole grace.
+        api = self.namedServices.get("api")
+        if isinstance(api, ApiSite):
+            api.stop_accepting()
         return Deferred.fromCoroutine(self._stop_children())
 
     async def _stop_children(self) -> None:
+        failed: list[str] = []
         for child in reversed(list(self)):
             service = IService(child)
             try:
                 await Deferred.fromCoroutine(_maybe_await(service.stopService()))
             except Exception:
                 self.log.failure("service {name} failed to stop", name=service.name)
+                failed.append(str(service.name))
             cut = getattr(service, "cut_off", 0)
             if cut:
                 self.cut_off[str(service.name)] = int(cut)
         elapsed = time.monotonic() - self._stop_started
-        if self.cut_off:
-            detail = ", ".join(f"{n}: {c}" for n, c in self.cut_off.items())
+        detail = ", ".join(f"{n}: {c}" for n, c in self.cut_off.items())
+        if failed:
+            self.log.error(
+                "stopped in {elapsed:.2f}s; failed to stop: {failed};"
+                " cut off at the grace deadline: {detail}",
+                elapsed=elapsed,
+                failed=", ".join(failed),
+                detail=detail or "nothing",
+            )
+        elif self.cut_off:
             self.log.warn(
                 "stopped in {elapsed:.2f}s; cut off at the grace deadline: {detail}",
                 elapsed=elapsed,
@@ -265,10 +283,17 @@ def make_node(
     limits = RateLimits.from_settings(settings, reactor)
     api_holder: list[ApiSite] = []
 
+    # Every response naming a repository builds its URL, and the bound port
+    # is a system call away: it is read once per listening port.
+    url_of_port: list[tuple[object, str]] = []
+
     def public_url() -> str:
         api = api_holder[0]
-        bound = api.bound_port if api.listening is not None else settings.port
-        return settings.public_base_url(bound)
+        if api.listening is None:
+            return settings.public_base_url(settings.port)
+        if not url_of_port or url_of_port[0][0] is not api.listening:
+            url_of_port[:] = [(api.listening, settings.public_base_url(api.bound_port))]
+        return url_of_port[0][1]
 
     context = NodeContext(
         settings=settings,
@@ -294,6 +319,13 @@ def make_node(
     git = GitService(context, store)
     context.services["git"] = git
     git.setServiceParent(node)
+
+    # The metrics listener, when configured: it stops after the public
+    # listener, so the drain can be watched.
+    if settings.metrics_addr is not None:
+        host, port = settings.metrics_addr
+        MetricsSite(reactor, host, port).setServiceParent(node)
+
     app = build_app(context)
     site = NodeSite(
         app.resource(),
@@ -302,6 +334,7 @@ def make_node(
         ),
     )
     site.displayTracebacks = False
+    site.access_log = settings.access_log
     api = ApiSite(
         reactor,
         site,
@@ -311,11 +344,6 @@ def make_node(
     )
     api_holder.append(api)
     api.setServiceParent(node)
-
-    # The metrics listener, when configured.
-    if settings.metrics_addr is not None:
-        host, port = settings.metrics_addr
-        MetricsSite(reactor, host, port).setServiceParent(node)
 
     # Peers: the signed, bounded client every outbound call goes through.
     client = PeerClient(
@@ -327,12 +355,16 @@ def make_node(
     context.services["peer_client"] = client
 
     # The libp2p swarm and the gossip of ref updates (GITLAWB_P2P_PORT=0: none).
-    gossip: GossipService | None = None
+    gossip: Any = None
 
     def peer_count() -> int:
         return swarm.connected_peer_count() if gossip is not None else 0
 
     if settings.p2p_port:
+        # libp2p (and trio) are imported only when the swarm runs.
+        from gitlawb.p2p.gossip import GossipService
+        from gitlawb.p2p.swarm import SwarmService
+
         swarm = SwarmService(
             reactor,
             key,
@@ -408,6 +440,9 @@ def make_node(
         repo_count=own_repo_count,
     ).setServiceParent(node)
     if operator_heartbeat_enabled(settings):
+        # web3 is imported only when the heartbeat is configured.
+        from gitlawb.chain import OperatorHeartbeat
+
         try:
             operator = OperatorHeartbeat(
                 reactor, settings, key.did, on_fatal=node.fatal

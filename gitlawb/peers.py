@@ -60,6 +60,7 @@ from gitlawb.db.pool import Database
 from gitlawb.db.service import DatabaseService
 from gitlawb.identity.keys import NodeKey
 from gitlawb.identity.signatures import sign_request
+from gitlawb.jsontools import parse_json
 from gitlawb.workloop import InFlight, WorkLoop, stop_within_grace
 
 __all__ = [
@@ -323,7 +324,7 @@ class PeerResponse:
         @raise PeerError: when it is not JSON.
         """
         try:
-            return json.loads(self.body)
+            return parse_json(self.body)
         except (UnicodeDecodeError, ValueError):
             raise PeerError(f"the peer answered {self.status} without JSON") from None
 
@@ -776,7 +777,7 @@ class SqlRelayStore:
 
 def _payload(value: Any) -> dict[str, Any]:
     if isinstance(value, str):
-        value = json.loads(value)
+        value = parse_json(value)
     return dict(value) if isinstance(value, dict) else {}
 
 

@@ -47,6 +47,10 @@ async def maybe_deferred(result: Deferred[None] | None) -> None:
         await result
 
 
+# How long a connection whose body was refused keeps draining before it is cut.
+LINGER_SECONDS = 2.0
+
+
 class NodeRequest(Request):
     """
     A request whose body is refused with 413 as soon as it is known to be too
@@ -104,7 +108,20 @@ class NodeRequest(Request):
             b"Connection: close\r\n"
             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
-        transport.loseConnection()
+        # A lingering close: end our side after the answer but keep reading
+        # (and discarding) what the client is still sending for a moment.
+        # Closing at once would reset the connection with unread data in the
+        # socket, and the client could lose the 413 before reading it.
+        if hasattr(transport, "loseWriteConnection"):
+            transport.loseWriteConnection()
+            # The site's reactor (HTTPFactory.buildProtocol hands the channel
+            # its callLater).
+            self.channel.callLater(
+                LINGER_SECONDS,
+                transport.abortConnection,  # type: ignore[attr-defined]
+            )
+        else:
+            transport.loseConnection()
 
 
 class NodeSite(Site):
@@ -126,7 +143,20 @@ class NodeSite(Site):
         self.connections: set[Any] = set()
         self.in_flight: set[NodeRequest] = set()
         self.draining = False
-        self._idle_waiters: list[Deferred[None]] = []
+        self._closed_waiters: list[Deferred[None]] = []
+
+    #: Whether each request gets an access log line (C{GITLAWB_ACCESS_LOG}).
+    access_log = True
+
+    def log(self, request: Any) -> None:
+        """
+        Write the access log line, unless the operator turned it off: it
+        costs about an eighth of the CPU of a small API read, and every
+        request is counted by route and status class in
+        C{gitlawb_http_request_duration_seconds} anyway.
+        """
+        if self.access_log:
+            super().log(request)
 
     def buildProtocol(self, addr: Any) -> Any:
         protocol = super().buildProtocol(addr)
@@ -138,6 +168,10 @@ class NodeSite(Site):
         def connection_lost(reason: Any) -> None:
             site.connections.discard(protocol)
             lost(reason)
+            if not site.connections:
+                waiters, site._closed_waiters = site._closed_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
 
         protocol.connectionLost = connection_lost
         self.connections.add(protocol)
@@ -146,52 +180,56 @@ class NodeSite(Site):
     def request_started(self, request: NodeRequest) -> None:
         self.in_flight.add(request)
         started = time.monotonic()
+        # A finished request lets go of its channel before telling us.
+        channel = request.channel
 
         def done(result: object) -> None:
             self.in_flight.discard(request)
-            if not self.in_flight:
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for waiter in waiters:
-                    waiter.callback(None)
             metrics.record_request(
                 getattr(request, "route_template", "unmatched"),
                 request.code,
                 time.monotonic() - started,
             )
             if self.draining:
-                # The response is out: close the connection instead of keeping
-                # it alive for a next request that will never be served.
-                transport = request.channel.transport if request.channel else None
+                # Close the connection once the response is out, instead of
+                # keeping it alive for a next request that will never be
+                # served.
+                transport = channel.transport
                 if transport is not None:
                     transport.loseConnection()
 
         request.notifyFinish().addBoth(done)
 
-    def when_idle(self) -> Deferred[None]:
+    def when_closed(self) -> Deferred[None]:
         """
-        @return: a Deferred that fires when no request is in flight (at once
-            when none is).  Cancelling it only stops the wait.
+        @return: a Deferred that fires when no connection is open any more (at
+            once when none is): every response has been written to the
+            network, not merely handed to the transport.  Cancelling it only
+            stops the wait.
         """
-        if not self.in_flight:
+        if not self.connections:
             return succeed(None)
-        waiter: Deferred[None] = Deferred(self._idle_waiters.remove)
-        self._idle_waiters.append(waiter)
+        waiter: Deferred[None] = Deferred(self._closed_waiters.remove)
+        self._closed_waiters.append(waiter)
         return waiter
 
     def close_idle_connections(self) -> int:
         """
-        Close every connection that has no request in progress.
+        Close every connection that has no request in progress; the others
+        are closed once their response is out.
 
         @return: how many were closed.
         """
         closed = 0
         busy = {r.channel for r in self.in_flight}
         for protocol in list(self.connections):
-            channel = getattr(protocol, "_channel", protocol)
-            if channel in busy:
+            channel = _channel_of(protocol)
+            # A request whose body is still arriving is in the channel's
+            # queue but not in flight yet.
+            if channel in busy or getattr(channel, "requests", None):
                 channel.persistent = False
                 continue
-            transport = protocol.transport
+            transport = channel.transport
             if transport is not None:
                 transport.loseConnection()
                 closed += 1
@@ -201,14 +239,25 @@ class NodeSite(Site):
         """
         Cut every connection still open (the grace deadline has passed).
 
-        @return: how many requests were cut off.
+        @return: how many were cut: requests in progress, and responses not
+            yet written out whole.
         """
-        cut = len(self.in_flight)
+        cut = 0
         for protocol in list(self.connections):
-            transport = protocol.transport
+            transport = _channel_of(protocol).transport
             if transport is not None:
                 transport.abortConnection()
+                cut += 1
         return cut
+
+
+def _channel_of(protocol: Any) -> Any:
+    """
+    The C{HTTPChannel} behind what C{Site.buildProtocol} returned: a wrapper
+    that negotiates HTTP/1.1 or HTTP/2 and holds the channel, which alone
+    has the transport.
+    """
+    return getattr(protocol, "_channel", protocol)
 
 
 class ApiSite(Service):
@@ -216,9 +265,10 @@ class ApiSite(Service):
     The public HTTP listener (API and git smart HTTP).
 
     The port is bound in C{privilegedStartService}, so an address in use stops
-    start-up before anything else runs.  C{stopService} stops listening at
-    once, closes idle connections, lets in-flight requests finish until the
-    grace deadline and then cuts the rest.
+    start-up before anything else runs.  L{stop_accepting} (called by the
+    node when its shutdown starts) stops listening and closes idle
+    connections; C{stopService} then lets the requests in flight finish until
+    the grace deadline and cuts the rest.
     """
 
     name = "api"
@@ -238,6 +288,7 @@ class ApiSite(Service):
         self.port = port
         self._grace = grace
         self.listening: IListeningPort | None = None
+        self._accepting_stopped: Deferred[None] | None = None
         self.cut_off = 0
 
     @property
@@ -263,43 +314,61 @@ class ApiSite(Service):
             self.privilegedStartService()
         super().startService()
 
+    def stop_accepting(self) -> Deferred[None]:
+        """
+        Refuse new connections from now on and close the idle ones; the
+        requests in progress go on.  The node calls it as soon as its
+        shutdown starts, before the services started after this one stop
+        (they may take the whole grace), and L{stopService} calls it again;
+        only the first call does anything.
+
+        @return: a Deferred that fires once the port is closed.
+        """
+        if self._accepting_stopped is None:
+            self.site.draining = True
+            self._accepting_stopped = Deferred.fromCoroutine(self._close_listener())
+        return self._accepting_stopped
+
+    async def _close_listener(self) -> None:
+        if self.listening is not None:
+            listening, self.listening = self.listening, None
+            await maybe_deferred(listening.stopListening())
+        closed = self.site.close_idle_connections()
+        self.log.info(
+            "http listener closed; idle connections closed={idle}, "
+            "requests in flight={busy}",
+            idle=closed,
+            busy=len(self.site.in_flight),
+        )
+
     def stopService(self) -> Deferred[None]:
         """
         Drain the site.
 
-        @return: a Deferred that fires once every in-flight request has
-            finished, or was cut off at the grace deadline.
+        @return: a Deferred that fires once every connection has closed (its
+            response written out whole), or was cut off at the grace
+            deadline.
         """
         super().stopService()
         return Deferred.fromCoroutine(self._drain())
 
     async def _drain(self) -> None:
-        self.site.draining = True
-        if self.listening is not None:
-            await maybe_deferred(self.listening.stopListening())
-            self.listening = None
-        closed = self.site.close_idle_connections()
-        in_flight = len(self.site.in_flight)
-        self.log.info(
-            "http listener closed; idle connections closed={idle}, "
-            "requests in flight={busy}",
-            idle=closed,
-            busy=in_flight,
-        )
-        if not self.site.in_flight:
+        await self.stop_accepting()
+        if not self.site.connections:
             return
 
-        # Wait for the in-flight requests, bounded by the grace deadline.
-        idle = self.site.when_idle()
-        deadline = self._reactor.callLater(self._grace(), idle.cancel)
+        # Wait for the responses in progress to be written out and their
+        # connections closed, bounded by the grace deadline.
+        closed = self.site.when_closed()
+        deadline = self._reactor.callLater(self._grace(), closed.cancel)
         try:
-            await idle
+            await closed
         except CancelledError:
             pass
         finally:
             if deadline.active():
                 deadline.cancel()
-        if self.site.in_flight:
+        if self.site.connections:
             self.cut_off = self.site.abort_all()
             self.log.warn(
                 "grace deadline passed; requests cut off={count}", count=self.cut_off

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
 
+import psycopg2
 from klein import Klein
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -38,6 +38,7 @@ from gitlawb.identity.signatures import (
     VerifiedRequest,
     verify_signed_request,
 )
+from gitlawb.jsontools import JsonTooDeep, parse_json
 from gitlawb.ratelimit import RateLimiter
 
 log = Logger()
@@ -193,7 +194,9 @@ def json_body(request: IRequest) -> dict[str, Any]:
     if not raw.strip():
         return {}
     try:
-        value = json.loads(raw)
+        value = parse_json(raw)
+    except JsonTooDeep as e:
+        raise ApiError("bad_request", str(e)) from None
     except (UnicodeDecodeError, ValueError):
         raise ApiError("bad_request", "the body is not valid JSON") from None
     if not isinstance(value, dict):
@@ -310,6 +313,19 @@ def install_error_handlers(app: Klein) -> None:
         assert isinstance(error, HTTPException)
         code = error.code or 400
         return write_error(request, ApiError("bad_request", str(error.name), code))
+
+    @app.handle_errors(psycopg2.OperationalError, psycopg2.InterfaceError)
+    def database_down(request: IRequest, failure: Failure) -> bytes:
+        log.warn(
+            "database unavailable on {method} {path}: {error}",
+            method=request.method,
+            path=request.path,
+            error=str(failure.value).strip(),
+        )
+        return write_error(
+            request,
+            ApiError("db_unavailable", "the database is not available"),
+        )
 
     @app.handle_errors(Exception)
     def unexpected(request: IRequest, failure: Failure) -> bytes:

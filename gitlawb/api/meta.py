@@ -17,6 +17,7 @@ from gitlawb.db.service import DatabaseUnavailable
 def install(app: Klein, context: NodeContext) -> None:
     @app.route("/", methods=["GET"])
     def node_info(request: IRequest) -> bytes:
+        request.route_template = "/"  # type: ignore[attr-defined]
         p2p = context.p2p_info()
         return write_json(
             request,
@@ -35,10 +36,12 @@ def install(app: Klein, context: NodeContext) -> None:
 
     @app.route("/health", methods=["GET"])
     def health(request: IRequest) -> bytes:
+        request.route_template = "/health"  # type: ignore[attr-defined]
         return write_json(request, 200, {"status": "ok"})
 
     @app.route("/ready", methods=["GET"])
     async def ready(request: IRequest) -> bytes:
+        request.route_template = "/ready"  # type: ignore[attr-defined]
         try:
             database = context.database_service.database
             await database.query("SELECT 1")
@@ -56,6 +59,7 @@ def install(app: Klein, context: NodeContext) -> None:
 
     @app.route("/api/v1/stats", methods=["GET"])
     async def stats(request: IRequest) -> bytes:
+        request.route_template = "/api/v1/stats"  # type: ignore[attr-defined]
         rows = await context.db.query(
             "SELECT (SELECT count(*) FROM repos),"
             " (SELECT count(*) FROM agents WHERE status = 'active'),"
@@ -72,9 +76,11 @@ def install(app: Klein, context: NodeContext) -> None:
 
     @app.route("/api/v1/p2p/info", methods=["GET"])
     def p2p_info(request: IRequest) -> bytes:
+        request.route_template = "/api/v1/p2p/info"  # type: ignore[attr-defined]
         return write_json(request, 200, context.p2p_info())
 
     @app.route("/metrics", methods=["GET"])
     def no_metrics(request: IRequest) -> bytes:
+        request.route_template = "/metrics"  # type: ignore[attr-defined]
         # Metrics have a listener of their own; the public port never serves them.
         raise ApiError("not_found", "no such route")

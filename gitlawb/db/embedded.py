@@ -54,6 +54,11 @@ class EmbeddedPostgres:
     data_dir: Path
     timeout: float = 60.0
 
+    def __post_init__(self) -> None:
+        # initdb and pg_ctl run from "/" (the cluster's user may not enter the
+        # current directory): a relative path would point somewhere else.
+        self.data_dir = self.data_dir.absolute()
+
     @property
     def socket_dir(self) -> Path:
         """

@@ -154,8 +154,10 @@ class Database:
         connection = self._idle.pop()
         self.in_use += 1
         try:
-            if connection.closed:
+            if not _usable(connection):
                 connection = await self._replace(connection)
+                if not _usable(connection):
+                    raise psycopg2.OperationalError("the database is unreachable")
             try:
                 return await use(connection)
             except CONNECTION_ERRORS:
@@ -172,7 +174,8 @@ class Database:
         self, connection: txpostgres.Connection
     ) -> txpostgres.Connection:
         try:
-            connection.close()
+            if _usable(connection):
+                connection.close()
         except Exception:
             pass
         log.warn("database connection lost; reconnecting")
@@ -190,10 +193,20 @@ class Database:
         for _ in range(self.size):
             await self._semaphore.acquire()
         for connection in self._idle:
-            if not connection.closed:
+            if _usable(connection):
                 connection.close()
         self._idle.clear()
 
 
 async def _as_coroutine(awaitable: Awaitable[T]) -> T:
     return await awaitable
+
+
+def _usable(connection: txpostgres.Connection) -> bool:
+    """
+    Whether a pooled connection is connected and open.  A slot whose
+    reconnect failed holds a txpostgres connection that never connected: it
+    has no psycopg2 connection to ask.
+    """
+    raw = getattr(connection, "_connection", None)
+    return raw is not None and not raw.closed

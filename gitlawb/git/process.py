@@ -26,6 +26,8 @@ never a terminal prompt, plus C{GIT_PROTOCOL} when the client asked for one.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import functools
 import io
 import os
@@ -48,6 +50,7 @@ from twisted.internet.interfaces import (
     IReactorProcess,
     IReactorTime,
 )
+from twisted.internet.main import CONNECTION_DONE, CONNECTION_LOST
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -76,6 +79,13 @@ _PROTOCOL_ITEM = r"[A-Za-z0-9._-]+(?:=[A-Za-z0-9._-]*)?"
 _GIT_PROTOCOL = re.compile(rf"\A{_PROTOCOL_ITEM}(?::{_PROTOCOL_ITEM})*\Z")
 
 _TRAMPOLINE = "import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])"
+
+# git's stdout is read in chunks of up to STDOUT_READ_SIZE from a pipe of
+# STDOUT_PIPE_SIZE.  Twisted's pipe reader takes 8 KiB at a time from a 64 KiB
+# pipe, and every read costs a reactor turn, a consumer write (an HTTP chunk)
+# and a socket send: for a clone that overhead, not git, bounded the rate.
+STDOUT_PIPE_SIZE = 1024 * 1024
+STDOUT_READ_SIZE = 256 * 1024
 
 
 class GitError(Exception):
@@ -282,6 +292,56 @@ class _StdinFeeder:
             )
 
 
+class _PipeReader(Protocol):
+    """
+    What this module uses of Twisted's C{ProcessReader}, the selectable of
+    one of the child's output pipes.
+    """
+
+    fd: int
+
+    def dataReceived(self, data: bytes) -> None: ...
+
+
+def _read_large(reader: _PipeReader, size: int = STDOUT_READ_SIZE) -> object:
+    """
+    C{ProcessReader.doRead} reading up to C{size} bytes at once: otherwise
+    what C{twisted.internet.fdesc.readFromFD} does.
+
+    @return: what C{doRead} returns: C{None} to go on, or why the pipe
+        closed.
+    """
+    try:
+        data = os.read(reader.fd, size)
+    except OSError as e:
+        if e.errno in (errno.EAGAIN, errno.EINTR):
+            return None
+        return CONNECTION_LOST
+    if not data:
+        return CONNECTION_DONE
+    reader.dataReceived(data)
+    return None
+
+
+def _widen_stdout(transport: object) -> None:
+    """
+    Read the child's stdout in large chunks from a large pipe (see
+    L{STDOUT_READ_SIZE}) when the transport is Twisted's POSIX process;
+    leave any other transport as it is.
+    """
+    pipes = getattr(transport, "pipes", None)
+    reader = pipes.get(1) if isinstance(pipes, dict) else None
+    if reader is None or not isinstance(getattr(reader, "fd", None), int):
+        return
+    try:
+        fcntl.fcntl(reader.fd, fcntl.F_SETPIPE_SZ, STDOUT_PIPE_SIZE)
+    except (OSError, AttributeError):
+        # Not Linux, or above /proc/sys/fs/pipe-max-size: the default pipe
+        # works too, with more reactor turns.
+        pass
+    reader.doRead = functools.partial(_read_large, reader)
+
+
 class _GitProcessProtocol(ProcessProtocol):
     """
     Hands the child's events to its L{GitProcess}.
@@ -461,6 +521,7 @@ class GitProcess:
         self.log.debug(
             "git started pid={pid} args={args}", pid=self.pid, args=self._args
         )
+        _widen_stdout(transport)
         if self._consumer is not None:
             self._consumer.registerProducer(_StdoutProducer(self), True)
             self._producer_registered = True

@@ -148,7 +148,8 @@ class PushRecorder:
             )
         finally:
             self._open.discard(intent_id)
-        for _ in updates:
+        if updates:
+            # One push, however many refs it moved.
             metrics.record_push(repo.slug)
         return certificates
 

@@ -27,6 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, DeferredList
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
@@ -100,6 +101,10 @@ class GitSlots:
     def release(self) -> None:
         self.used -= 1
 
+
+# How a packfile starts: its signature and the high bytes of its version
+# (2 or 3).
+PACK_HEADER = b"PACK\x00\x00\x00"
 
 # The gitlawb remote helper (0.7.1) buffers an upload request until git sends
 # "done", and never POSTs a push that carries no pack.  A shallow clone and a
@@ -567,6 +572,19 @@ def _request_body(request: IRequest, limit: int) -> BinaryIO:
     return output
 
 
+def _check_pkt_line_start(body: BinaryIO) -> None:
+    """
+    Refuse a body that does not start with a pkt-line length (four hex
+    digits): git would only fail on it.
+
+    @raise ApiError: 400 C{bad_request}.
+    """
+    head = body.read(4)
+    body.seek(0)
+    if len(head) < 4 or any(c not in b"0123456789abcdefABCDEF" for c in head):
+        raise ApiError("bad_request", "the body is not a git pkt-line request")
+
+
 async def _run_streaming(
     git: GitService,
     request: IRequest,
@@ -621,15 +639,23 @@ async def _upload_pack(
     signer = authenticate(request, git.context, route, required=False)
     repo = await resolve_repo(git.context, git.store, owner, name, signer)
     body = _request_body(request, 256 * 1024 * 1024)
+    _check_pkt_line_start(body)
 
     # A fetch is counted when git sent a pack: several negotiation rounds
-    # make one fetch, and only the last carries the pack.
+    # make one fetch, and only the last carries the pack.  The pack is known
+    # by its header (signature and version), whose NUL bytes no ref name in
+    # a protocol v2 ls-refs answer can hold; the tail of the last chunk is
+    # kept in case the header is split between two.
     sent_pack = False
+    tail = b""
 
     def watch(data: bytes) -> None:
-        nonlocal sent_pack
-        if not sent_pack and b"PACK" in data:
-            sent_pack = True
+        nonlocal sent_pack, tail
+        if sent_pack:
+            return
+        seen = tail + data
+        sent_pack = PACK_HEADER in seen
+        tail = seen[-(len(PACK_HEADER) - 1) :]
 
     process = GitProcess(
         ["upload-pack", "--stateless-rpc", "."],
@@ -690,8 +716,11 @@ async def _receive_pack(
         raise
 
     _no_cache(request, "application/x-git-receive-pack-result")
+    # The node's stop waits for the outcome; the request only waits on it,
+    # so that cutting the request cannot cut the stop's wait short.
     outcome: Deferred[Any] = Deferred()
     git.track(outcome)
+    waiting = _wait_only(outcome)
     try:
         try:
             code = await _run_streaming(
@@ -706,12 +735,34 @@ async def _receive_pack(
                 recorded.chainDeferred(outcome)
             else:
                 outcome.callback(None)
-        await outcome
+        await waiting
     except CancelledError:
         raise
     if code == 0:
         metrics.record_pack_size(process.bytes_in)
     return None
+
+
+def _wait_only(work: Deferred[Any]) -> Deferred[Any]:
+    """
+    @return: a Deferred that fires as C{work} does.  Cancelling it (Klein
+        does when the client goes away or the shutdown cuts the request)
+        ends the wait and nothing else; a failure of C{work} after that is
+        logged.
+    """
+    waiter: Deferred[Any] = Deferred(lambda _: None)
+
+    def settle(result: object) -> None:
+        if not waiter.called:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+        elif isinstance(result, Failure):
+            log.failure("recording a push failed after its request ended", result)
+
+    work.addBoth(settle)
+    return waiter
 
 
 async def _settle(

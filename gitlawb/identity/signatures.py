@@ -570,6 +570,11 @@ class ReplayGuard:
     price is that a flood of valid signed writes (over C{max_entries} per
     window, 200 000 / 300 s ~ 667/s by default) delays other writers until
     entries expire; GETs and unsigned reads are unaffected.
+
+    The table lives in memory, so a restarted node knows nothing of what it
+    accepted before.  A state-changing request signed before this guard was
+    made (C{created} earlier than its start, to the second) is therefore
+    refused as a possible replay; the client signs it again.
     """
 
     SWEEP_INTERVAL = 60.0
@@ -589,6 +594,8 @@ class ReplayGuard:
         # matches _expires is stale and skipped.
         self._queue: list[tuple[float, bytes]] = []
         self._loop: LoopingCall | None = None
+        # Signatures older than this may have been accepted by a previous run.
+        self._not_before = int(clock.seconds())
 
     def __len__(self) -> int:
         return len(self._expires)
@@ -606,6 +613,13 @@ class ReplayGuard:
                 401,
                 "replayed_signature",
                 "this signature was already used; sign the request again",
+            )
+        if created < self._not_before:
+            raise SignatureError(
+                401,
+                "replayed_signature",
+                "this request was signed before the node started and may have "
+                "been accepted already; sign the request again",
             )
 
         if expiry is None and len(self._expires) >= self._max_entries:

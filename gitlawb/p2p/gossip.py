@@ -23,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gitlawb.identity.keys import InvalidDid, full_did
+from gitlawb.jsontools import parse_json
 from gitlawb.p2p.peer_id import InvalidPeerId, did_for_peer_id
 from gitlawb.p2p.swarm import PubsubMessage, SwarmService
 
@@ -113,7 +114,7 @@ def decode_ref_update(data: bytes) -> dict[str, Any]:
     if len(data) > MAX_MESSAGE_BYTES:
         raise ValueError(f"message of {len(data)} bytes is too large")
     try:
-        parsed = json.loads(data)
+        parsed = parse_json(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"not JSON: {e}") from None
     if not isinstance(parsed, dict):

@@ -23,7 +23,9 @@ pytestmark = pytest.mark.integration
 SCRIPT = Path(sys.executable).parent / "gitlawb"
 
 
-def run_cli(*args: str, **settings: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: str = "/", **settings: str
+) -> subprocess.CompletedProcess[str]:
     """Run the console script with only the given GITLAWB_*/DATABASE_URL set."""
     env = {
         key: value
@@ -37,7 +39,7 @@ def run_cli(*args: str, **settings: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd="/",
+        cwd=cwd,
     )
 
 
@@ -206,6 +208,14 @@ def test_embedded_fresh(data_root: Path) -> None:
     assert listing(result.stdout) == [
         (m.version, m.name, "pending") for m in load_migrations()
     ]
+
+
+def test_embedded_relative_data_dir(data_root: Path) -> None:
+    """A relative GITLAWB_DATA_DIR (README's default is one) works from its cwd."""
+    result = run_cli("migrations", cwd=str(data_root), GITLAWB_DATA_DIR="data")
+
+    assert result.returncode == 0, result.stderr
+    assert (data_root / "data" / "postgres" / "PG_VERSION").is_file()
 
 
 def test_embedded_stopped_afterwards(data_root: Path) -> None:

@@ -69,3 +69,19 @@ def test_empty_repository_flush_passes() -> None:
     flt.write(b"0000")
 
     assert consumer.data == b"0000"
+
+
+def test_upload_request_must_start_with_a_pkt_line() -> None:
+    """A body that is not pkt-lines is refused before git runs."""
+    import io
+
+    import pytest
+
+    from gitlawb.api.errors import ApiError
+    from gitlawb.git.smart_http import _check_pkt_line_start
+
+    with pytest.raises(ApiError) as raised:
+        _check_pkt_line_start(io.BytesIO(b"garbage-not-pktline"))
+    _check_pkt_line_start(io.BytesIO(b"0000"))
+
+    assert raised.value.status == 400

@@ -678,3 +678,18 @@ def test_fuzz_mutated_valid_headers(data: st.DataObject) -> None:
     result = outcome("POST", TARGET, values, CREATED)
 
     assert isinstance(result, VerifiedRequest | SignatureError)
+
+
+def test_write_signed_before_the_guard_started_is_refused() -> None:
+    """A write signed before a (re)started node's guard existed counts as a replay."""
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    clock.advance(1_000)
+    guard = ReplayGuard(clock)
+
+    with pytest.raises(SignatureError) as raised:
+        guard.check_and_remember(b"s" * 64, created=999)
+    guard.check_and_remember(b"t" * 64, created=1_000)
+
+    assert raised.value.code == "replayed_signature"
