@@ -16,10 +16,10 @@ bootstrapped to A, and prints:
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor
@@ -30,24 +30,12 @@ from gitlawb.identity.keys import NodeKey
 from gitlawb.p2p.gossip import GossipService
 from gitlawb.p2p.swarm import SwarmService
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support import free_p2p_port as free_port
+
 REACTOR: Any = reactor
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    while True:
-        tcp = socket.socket()
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            udp.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
-        finally:
-            tcp.close()
-            udp.close()
 
 
 def thread_cpu_seconds(swarm: SwarmService) -> float:

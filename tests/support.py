@@ -68,6 +68,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_p2p_port() -> int:
+    """
+    A port free on 127.0.0.1 for both TCP and UDP (the swarm listens on both).
+    """
+    while True:
+        tcp = socket.socket()
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            tcp.bind(("127.0.0.1", 0))
+            port = int(tcp.getsockname()[1])
+            udp.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            tcp.close()
+            udp.close()
+
+
+#: The environment the integration tests run git in: the caller's, without
+#: its C{GIT_*} settings or any user or system configuration, with a fixed
+#: identity and C messages.
+GIT_ENV = {
+    **{k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
+    "GIT_CONFIG_GLOBAL": os.devnull,
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "GIT_TERMINAL_PROMPT": "0",
+    "GIT_AUTHOR_NAME": "Test",
+    "GIT_AUTHOR_EMAIL": "test@example.invalid",
+    "GIT_COMMITTER_NAME": "Test",
+    "GIT_COMMITTER_EMAIL": "test@example.invalid",
+    "LC_ALL": "C",
+}
+
+
 @dataclass
 class Response:
     status: int
@@ -230,3 +265,27 @@ def node_env(
         env["DATABASE_URL"] = database_url
     env.update(settings)
     return env
+
+
+@contextmanager
+def node_without_rate_limits(tmp: Path) -> Iterator[NodeProcess]:
+    """
+    Start a node in C{tmp} on a fresh database with the signer and create
+    rate limits off; stop it and drop the database on exit.
+    """
+    with fresh_database() as url:
+        data = tmp / "node"
+        data.mkdir()
+        port = free_port()
+        env = node_env(
+            data,
+            port,
+            url,
+            GITLAWB_SIGNER_RATE_LIMIT="0",
+            GITLAWB_CREATE_RATE_LIMIT="0",
+        )
+        process = NodeProcess(data, port, env, tmp / "node.log").start()
+        try:
+            yield process
+        finally:
+            process.stop()

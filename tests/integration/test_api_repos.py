@@ -21,9 +21,7 @@ from tests.support import (
     Agent,
     NodeProcess,
     Response,
-    free_port,
-    fresh_database,
-    node_env,
+    node_without_rate_limits,
     request,
 )
 
@@ -53,22 +51,8 @@ def node(
     off (each test uses fresh agents and names, so they do not see each other).
     """
     tmp = tmp_path_factory.mktemp("repos")
-    with fresh_database() as url:
-        data = tmp / "node"
-        data.mkdir()
-        port = free_port()
-        env = node_env(
-            data,
-            port,
-            url,
-            GITLAWB_SIGNER_RATE_LIMIT="0",
-            GITLAWB_CREATE_RATE_LIMIT="0",
-        )
-        process = NodeProcess(data, port, env, tmp / "node.log").start()
-        try:
-            yield process
-        finally:
-            process.stop()
+    with node_without_rate_limits(tmp) as process:
+        yield process
 
 
 def create(node: NodeProcess, agent: Agent, name: str, **body: Any) -> Response:

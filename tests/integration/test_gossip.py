@@ -5,7 +5,6 @@ thread, driven from the global reactor.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -21,29 +20,11 @@ from twisted.trial.unittest import TestCase
 from gitlawb.identity.keys import NodeKey
 from gitlawb.p2p.gossip import GossipService
 from gitlawb.p2p.swarm import SwarmService
+from tests.support import free_p2p_port as free_port
 
 pytestmark = pytest.mark.integration
 
 REACTOR: Any = reactor
-
-
-def free_port() -> int:
-    """
-    A port number free on 127.0.0.1 for both TCP and UDP.
-    """
-    while True:
-        tcp = socket.socket()
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            udp.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
-        finally:
-            tcp.close()
-            udp.close()
 
 
 async def wait_until(

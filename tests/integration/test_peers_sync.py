@@ -9,7 +9,6 @@ with plain C{git ls-remote}.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import threading
@@ -22,23 +21,11 @@ import psycopg2
 import pytest
 
 from tests.signing_proxy import SigningProxy
-from tests.support import Agent, NodeProcess, request
+from tests.support import GIT_ENV, Agent, NodeProcess, request
 
 pytestmark = pytest.mark.integration
 
 StartNode = Callable[..., NodeProcess]
-
-GIT_ENV = {
-    **{k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.invalid",
-    "LC_ALL": "C",
-}
 
 SHA = "1" * 40
 

@@ -24,7 +24,6 @@ would announce itself.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -48,31 +47,12 @@ from tests.integration.test_peers_sync import (
     refs,
     wait_for,
 )
-from tests.support import REPO_ROOT, Agent, NodeProcess, request
+from tests.support import REPO_ROOT, Agent, NodeProcess, free_p2p_port, request
 
 pytestmark = pytest.mark.integration
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-def free_p2p_port() -> int:
-    """
-    A port free on 127.0.0.1 for both TCP and UDP (the swarm listens on both).
-    """
-    while True:
-        tcp = socket.socket()
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            tcp.bind(("127.0.0.1", 0))
-            port = int(tcp.getsockname()[1])
-            udp.bind(("127.0.0.1", port))
-            return port
-        except OSError:
-            continue
-        finally:
-            tcp.close()
-            udp.close()
 
 
 def p2p_settings(bootstrap: NodeProcess | None = None) -> dict[str, str]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import subprocess
 import threading
 import time
@@ -24,24 +23,13 @@ import psycopg2
 import pytest
 
 from tests.signing_proxy import SigningProxy
-from tests.support import Agent, NodeProcess, request
+from tests.support import GIT_ENV, Agent, NodeProcess, request
 
 pytestmark = pytest.mark.integration
 
 StartNode = Callable[..., NodeProcess]
 
 ZERO = "0" * 40
-
-GIT_ENV = {
-    **{k: v for k, v in os.environ.items() if not k.startswith("GIT_")},
-    "GIT_CONFIG_GLOBAL": os.devnull,
-    "GIT_CONFIG_NOSYSTEM": "1",
-    "GIT_TERMINAL_PROMPT": "0",
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.invalid",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.invalid",
-}
 
 # Fast retries, so that a test sees several attempts in about a second.
 FAST_RETRIES = {
