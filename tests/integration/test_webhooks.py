@@ -380,9 +380,11 @@ def test_500_twice_then_200_delivers_one_id_three_times(
 
     ids = {r.headers["x-gitlawb-delivery"] for r in receiver.received}
     bodies = {r.body for r in receiver.received}
-    assert ids == {row[0]} and len(bodies) == 1
-    assert (row[2], row[3]) == (3, 200)
     assert len(receiver.received) == 3
+    assert ids == {row[0]} and len(bodies) == 1
+    # Three attempts reached the receiver; on a loaded machine one more may
+    # have failed before it did (a network error is retried like a 500).
+    assert row[2] >= 3 and row[3] == 200, row
 
 
 def test_final_4xx_then_redeliver(
