@@ -510,4 +510,9 @@ def test_hanging_peer_holds_the_relay_one_timeout_at_most(
         if reason.startswith(stuck.did)
     ]
     assert stuck_reasons, errors
-    assert all(f"took longer than {timeout:g}s" in r for r in stuck_reasons), errors
+    # It never answered: each reason is the call's bound, or (when the hanging
+    # server's accept queue overflows on a loaded machine) a failed connect;
+    # never an answer.
+    timed_out = [r for r in stuck_reasons if f"took longer than {timeout:g}s" in r]
+    assert timed_out, errors
+    assert all(r in timed_out or " failed: " in r for r in stuck_reasons), errors
