@@ -31,8 +31,6 @@ from gitlawb.identity.tokens import format_timestamp, sign_certificate
 
 log = Logger()
 
-ZERO_SHA = "0" * 40
-
 
 @dataclass(frozen=True)
 class RepoRef:
@@ -69,6 +67,22 @@ class RefUpdate:
     @property
     def deleted(self) -> bool:
         return set(self.new) == {"0"}
+
+
+async def applied_commands(
+    store: RepositoryStore, path: Path, commands: Sequence[RefCommand]
+) -> list[RefCommand]:
+    """
+    The commands the repository shows as carried out: each ref now points
+    where its command asked (absent for a deletion).  Used when git's own
+    report is missing: git was killed, or the node died before recording.
+    """
+    current = dict(await store.list_refs(path)) if path.exists() else {}
+    return [
+        c
+        for c in commands
+        if current.get(c.ref, "0" * len(c.new)) == c.new and c.old != c.new
+    ]
 
 
 class PushRecorder:
@@ -115,19 +129,6 @@ class PushRecorder:
         )
         self._open.add(intent_id)
         return intent_id
-
-    async def abandon_intent(self, db: Database, intent_id: str) -> None:
-        """
-        Close an intent whose push updated nothing.
-        """
-        try:
-            await db.execute(
-                "UPDATE push_intents SET state = 'abandoned', finished_at = now()"
-                " WHERE id = %s AND state = 'running'",
-                (intent_id,),
-            )
-        finally:
-            self._open.discard(intent_id)
 
     async def record(
         self,
@@ -361,15 +362,13 @@ class PushRecorder:
                 row["is_public"],
                 path,
             )
-            current = dict(await self._store.list_refs(path)) if path.exists() else {}
-            updates = []
-            for old, new, ref in row["commands"]:
-                now_at = current.get(ref, ZERO_SHA)
-                if now_at == new and old != new:
-                    updates.append(RefUpdate(ref, old, new))
+            commands = [RefCommand(old, new, ref) for old, new, ref in row["commands"]]
+            updates = [
+                RefUpdate(c.ref, c.old, c.new)
+                for c in await applied_commands(self._store, path, commands)
+            ]
+            # An intent whose refs did not move is closed as abandoned.
             await self.record(db, str(row["id"]), repo, row["pusher_did"], updates)
-            if not updates:
-                await self.abandon_intent(db, str(row["id"]))
             log.info(
                 "reconciled interrupted push intent={intent} repo={repo} refs={count}",
                 intent=str(row["id"]),

@@ -43,7 +43,7 @@ from gitlawb.git.process import (
     run_git,
     sanitize_git_protocol,
 )
-from gitlawb.git.push import PushRecorder, RefUpdate, RepoRef
+from gitlawb.git.push import PushRecorder, RefUpdate, RepoRef, applied_commands
 from gitlawb.git.report import (
     PushCommands,
     PushProtocolError,
@@ -785,20 +785,14 @@ async def _settle(
         updated = report.updated_refs
         candidates = [c for c in commands.commands if c.ref in updated]
     else:
-        current = dict(await git.store.list_refs(repo.ref.path))
-        candidates = [
-            c
-            for c in commands.commands
-            if current.get(c.ref, "0" * len(c.new)) == c.new and c.old != c.new
-        ]
+        candidates = await applied_commands(git.store, repo.ref.path, commands.commands)
     updates = [
         RefUpdate(c.ref, c.old, c.new, await _forced(git, repo, c.old, c.new))
         for c in candidates
     ]
+    # A push that moved no ref is closed as abandoned by record().
     await git.recorder.record(db, intent, repo.ref, signer, updates)
-    if not updates:
-        await git.recorder.abandon_intent(db, intent)
-    else:
+    if updates:
         # Webhooks and peers learn of the push now rather than at their next
         # poll; the rows were committed above.
         for name in ("webhooks", "outbox_relay"):
